@@ -1,0 +1,9 @@
+"""Subcommands of ``stargz-overlay``, one module per group.
+
+Every module here has ``register(subparsers)``, which adds its subcommands
+and sets ``func`` on each to a callable taking the parsed arguments.
+"""
+
+from . import blob
+
+COMMAND_MODULES = (blob,)

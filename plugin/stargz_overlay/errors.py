@@ -1,0 +1,21 @@
+"""Exceptions shared by every part of stargz-overlay.
+
+Each carries a message meant for a user: the CLI prints it on one line and
+the plugin logs it with the path that failed.
+"""
+
+
+class StargzError(Exception):
+    """Base class of every error stargz-overlay reports to a user."""
+
+
+class FormatError(StargzError):
+    """The blob is not a well-formed stargz/eStargz layer (footer, TOC, tar)."""
+
+
+class DigestMismatch(StargzError):
+    """Bytes did not match the digest that the TOC or an annotation promised."""
+
+
+class SourceError(StargzError):
+    """A blob source (file, registry) could not deliver the bytes asked for."""
