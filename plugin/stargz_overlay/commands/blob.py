@@ -1,0 +1,194 @@
+"""Blob commands: convert, ls, cat, verify and toc on stargz/eStargz layers."""
+
+import json
+import os
+import stat
+import sys
+import tempfile
+
+from ..errors import StargzError
+from ..progress import Progress
+from ..reader import StargzReader
+from ..source import FileSource
+from ..writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
+
+_TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
+              "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+
+def _add_blob_argument(parser):
+    parser.add_argument("blob", metavar="BLOB", help="stargz/eStargz blob file")
+    parser.add_argument("--toc-digest", metavar="DIGEST",
+                        help="expected TOC digest (sha256:...), e.g. from the layer annotation")
+
+def open_reader(args):
+    """Open the blob named on the command line and verify its TOC digest if given."""
+    source = FileSource(args.blob)
+    return StargzReader(source, toc_digest=args.toc_digest)
+
+def _read_list(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except OSError as exc:
+        raise StargzError(f"cannot read prioritized files list {path}: {exc.strerror}") from None
+
+def cmd_convert(args):
+    prioritized = _read_list(args.prioritized_files) if args.prioritized_files else None
+    try:
+        source = open(args.input, "rb")
+    except OSError as exc:
+        raise StargzError(f"cannot open {args.input}: {exc.strerror}") from None
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    progress = Progress(f"converting {os.path.basename(args.input)}")
+    tmp = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".stargz-", delete=False)
+    try:
+        with source, tmp:
+            result = convert(source, tmp, legacy=args.legacy, chunk_size=args.chunk_size,
+                             prioritized=prioritized, compression_level=args.compression_level,
+                             progress=progress)
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, args.output)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
+    finally:
+        progress.close()
+    summary = {
+        "format": "stargz" if args.legacy else "estargz",
+        "tocDigest": result.toc_digest,
+        "diffID": result.diff_id,
+        "blobDigest": result.blob_digest,
+        "uncompressedSize": result.uncompressed_size,
+        "compressedSize": result.compressed_size,
+        "entries": result.entries,
+        "missedPrioritizedFiles": result.missed_prioritized,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            if key != "missedPrioritizedFiles":
+                print(f"{key}: {value}")
+        for name in result.missed_prioritized:
+            print(f"warning: prioritized file not in the layer: {name}", file=sys.stderr)
+    return 0
+
+def _describe(path, entry, first_name):
+    mode = stat.filemode(_TYPE_BITS[entry.type] | entry.mode)
+    if entry.type in ("char", "block"):
+        size = f"{entry.dev_major},{entry.dev_minor}"
+    else:
+        size = str(entry.size)
+    record = {"path": path or ".", "type": entry.type, "mode": mode, "uid": entry.uid,
+              "gid": entry.gid, "size": size}
+    if first_name is not None:
+        record["type"] = "hardlink"
+        record["target"] = first_name
+    elif entry.type == "symlink":
+        record["target"] = entry.link_name
+    return record
+
+def cmd_ls(args):
+    reader = open_reader(args)
+    first_names = {}
+    records = []
+    for path, entry in reader.toc.walk():
+        first = first_names.get(id(entry))
+        if first is None and entry.type == "reg":
+            first_names[id(entry)] = path
+        record = _describe(path, entry, first)
+        if args.long or args.json:
+            record.update({"mtime": entry.mtime, "nlink": entry.nlink, "ino": entry.ino,
+                           "digest": entry.digest, "xattrs": sorted(entry.xattrs)})
+        records.append(record)
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    for r in records:
+        line = f"{r['type']:<8} {r['mode']} {r['uid']}:{r['gid']} {r['size']:>10} {r['path']}"
+        if "target" in r:
+            line += f" -> {r['target']}"
+        if args.long:
+            line += f"  mtime={r['mtime']} nlink={r['nlink']} ino={r['ino']}"
+            if r["digest"]:
+                line += f" {r['digest']}"
+            if r["xattrs"]:
+                line += " xattrs=" + ",".join(r["xattrs"])
+        print(line)
+    return 0
+
+def cmd_cat(args):
+    reader = open_reader(args)
+    entry = reader.toc.lookup(args.path)
+    if entry is None:
+        raise StargzError(f"no such file in the layer: {args.path}")
+    if entry.type != "reg":
+        raise StargzError(f"{args.path} is not a regular file (it is a {entry.type})")
+    if all(c.digest for c in entry.chunks):
+        blocks = reader.iter_file(entry)      # each chunk verified before it is written
+    else:
+        blocks = [reader.read_file(entry)]    # only a whole-file digest: check it first
+    out = sys.stdout.buffer
+    for block in blocks:
+        out.write(block)
+    out.flush()
+    return 0
+
+def cmd_verify(args):
+    reader = open_reader(args)
+    report = reader.verify()
+    print(f"ok: {reader.kind} blob, TOC digest {reader.toc_digest}, {report.files} files, "
+          f"{report.chunks} chunks, {report.bytes} bytes verified")
+    return 0
+
+def cmd_toc(args):
+    reader = open_reader(args)
+    if args.raw:
+        sys.stdout.buffer.write(reader.toc_json)
+        sys.stdout.buffer.flush()
+    else:
+        print(json.dumps(json.loads(reader.toc_json), indent=2, ensure_ascii=False))
+    return 0
+
+def _positive_int(text):
+    value = int(text, 0)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+def register(subparsers):
+    p = subparsers.add_parser("convert", help="convert a tar/tar.gz layer to eStargz or stargz")
+    p.add_argument("input", metavar="IN", help="tar or tar.gz layer")
+    p.add_argument("output", metavar="OUT", help="blob to write")
+    p.add_argument("--legacy", action="store_true", help="write legacy stargz (47-byte footer)")
+    p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
+                   metavar="N", help=f"chunk size in bytes (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
+                   choices=range(10), metavar="0-9",
+                   help=f"gzip level (default {DEFAULT_COMPRESSION_LEVEL})")
+    p.add_argument("--prioritized-files", metavar="LISTFILE",
+                   help="file with one path per line to place before .prefetch.landmark")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser("ls", help="list every entry of a layer")
+    _add_blob_argument(p)
+    p.add_argument("--long", "-l", action="store_true", help="also mtime, nlink, digest, xattrs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ls)
+
+    p = subparsers.add_parser("cat", help="write a file of a layer to stdout, verified")
+    _add_blob_argument(p)
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=cmd_cat)
+
+    p = subparsers.add_parser("verify", help="check every chunk and file digest of a layer")
+    _add_blob_argument(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("toc", help="print the TOC JSON of a layer")
+    _add_blob_argument(p)
+    p.add_argument("--raw", action="store_true", help="the exact stored bytes")
+    p.set_defaults(func=cmd_toc)
+
+__all__ = ["register", "open_reader", "FormatError"]
