@@ -19,3 +19,27 @@ class DigestMismatch(StargzError):
 
 class SourceError(StargzError):
     """A blob source (file, registry) could not deliver the bytes asked for."""
+
+
+class ConfigError(StargzError):
+    """A configuration file (registries.conf, auth.json, ...) is malformed."""
+
+
+class InvalidReference(StargzError):
+    """An image reference could not be parsed."""
+
+
+class RegistryError(SourceError):
+    """A registry refused, failed or could not be reached."""
+
+
+class AuthError(RegistryError):
+    """A registry wants credentials that are missing or were rejected."""
+
+
+class NotFoundError(RegistryError):
+    """The registry has no such repository, manifest or blob."""
+
+
+class RangeNotSupported(RegistryError):
+    """The registry answered a Range request with the whole blob."""
