@@ -244,6 +244,8 @@ def parse_toc(toc_json, data_end):
     hardlinks = {}       # cleaned name -> cleaned target
     offsets = set()
     current = None       # the reg entry that following "chunk" entries belong to
+    user_names = {}      # uid -> userName: writers name each id only once
+    group_names = {}     # gid -> groupName
     root = None
     for raw in raw_entries:
         if not isinstance(raw, dict):
@@ -272,6 +274,14 @@ def parse_toc(toc_json, data_end):
             hardlinks[name] = target
             continue
         entry = _make_entry(raw, name, kind)
+        if entry.user_name:
+            user_names[entry.uid] = entry.user_name
+        else:
+            entry.user_name = user_names.get(entry.uid, "")
+        if entry.group_name:
+            group_names[entry.gid] = entry.group_name
+        else:
+            entry.group_name = group_names.get(entry.gid, "")
         if kind == "reg" and entry.size:
             chunk = _chunk(raw, name)
             offsets.add(chunk.offset)
