@@ -12,6 +12,7 @@ import binascii
 import bisect
 import json
 import posixpath
+import re
 from datetime import datetime
 
 from .errors import FormatError
@@ -26,6 +27,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 FILE_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def clean_name(name):
@@ -177,7 +179,7 @@ def _make_entry(raw, name, kind):
     entry.link_name = _str(raw, "linkName", name)
     if kind == "reg":
         entry.size = _int(raw, "size", name)
-        entry.digest = raw.get("digest") or None
+        entry.digest = _digest(raw, "digest", name)
     elif kind in ("char", "block"):
         entry.dev_major = _int(raw, "devMajor", name)
         entry.dev_minor = _int(raw, "devMinor", name)
@@ -193,10 +195,21 @@ def _make_entry(raw, name, kind):
     return entry
 
 
+def _digest(raw, key, name):
+    """A ``sha256:<64 hex>`` digest field, or None when absent or empty.
+
+    Validated because digests end up in cache keys and file names.
+    """
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise FormatError(f"TOC entry {name!r}: {key} {value!r} is not a sha256 digest")
+    return value
+
+
 def _chunk(raw, name):
-    digest = raw.get("chunkDigest") or None
-    if digest is not None and not isinstance(digest, str):
-        raise FormatError(f"TOC entry {name!r}: chunkDigest must be a string")
+    digest = _digest(raw, "chunkDigest", name)
     return Chunk(_int(raw, "offset", name), _int(raw, "chunkOffset", name),
                  _int(raw, "chunkSize", name), digest, _int(raw, "innerOffset", name))
 
@@ -267,6 +280,8 @@ def parse_toc(toc_json, data_end):
         name = clean_name(raw_name)
         current = None
         if kind == "hardlink":
+            if not name:
+                raise FormatError("the TOC's root entry is a hardlink, not a directory")
             target = clean_name(_str(raw, "linkName", name))
             if target == name and name in by_name:
                 continue     # "f" then hardlink f->f: keep the regular file
