@@ -15,12 +15,15 @@ import hashlib
 import io
 import json
 import math
+import os
 import posixpath
 import shutil
 import struct
 import tarfile
 import tempfile
 import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -32,6 +35,7 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESSION_LEVEL = 6
 LANDMARK_CONTENT = b"\x0f"
 _COPY_BLOCK = 1 << 20
+_PARALLEL_MIN = 4 << 10    # smaller members are compressed inline
 _KEPT_PAX_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl.")
 _TAR_TYPES = {
     tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
@@ -54,57 +58,90 @@ class ConvertResult:
     missed_prioritized: list = field(default_factory=list)
 
 
-class _MemberWriter:
-    """Writes an uncompressed tar stream as a sequence of gzip members."""
+def _gzip_member(data, extra, level):
+    """One complete gzip member holding ``data``."""
+    if extra is None:
+        header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    else:
+        header = (b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+                  + struct.pack("<H", len(extra)) + extra)
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15)
+    body = comp.compress(data) + comp.flush()
+    return header + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
 
-    def __init__(self, out, level):
+
+class _MemberWriter:
+    """Writes an uncompressed tar stream as gzip members, compressed in parallel.
+
+    ``start()`` opens a member and returns its index; its blob offset is
+    known once every earlier member has been written (``offsets[index]``).
+    """
+
+    def __init__(self, out, level, workers):
         self.out = out
         self.level = level
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.max_pending = 2 * workers
+        self.pending = deque()            # (index, Future or bytes), in blob order
+        self.offsets = []                 # blob offset of each member once written
         self.position = 0                 # compressed bytes written so far
         self.uncompressed = 0
         self.diff_id = hashlib.sha256()
         self.blob = hashlib.sha256()
-        self._comp = None
-        self._crc = 0
-        self._size = 0
+        self._parts = None
+        self._extra = None
 
     def _emit(self, data):
-        if data:
-            self.out.write(data)
-            self.blob.update(data)
-            self.position += len(data)
+        self.out.write(data)
+        self.blob.update(data)
+        self.position += len(data)
+
+    def _write_oldest(self):
+        index, member = self.pending.popleft()
+        self.offsets[index] = self.position
+        self._emit(member.result() if isinstance(member, Future) else member)
+
+    def _submit(self):
+        if self._parts is None:
+            return
+        data = b"".join(self._parts)
+        job = (data, self._extra, self.level)
+        self._parts = None
+        index = len(self.offsets) - 1
+        if self.pool is None or len(data) < _PARALLEL_MIN:
+            self.pending.append((index, _gzip_member(*job)))
+        else:
+            self.pending.append((index, self.pool.submit(_gzip_member, *job)))
+        while len(self.pending) > self.max_pending:
+            self._write_oldest()
 
     def start(self, extra=None):
-        """Close the current member and open a new one; return its blob offset."""
-        self.finish()
-        offset = self.position
-        if extra is None:
-            self._emit(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
-        else:
-            self._emit(b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
-                       + struct.pack("<H", len(extra)) + extra)
-        self._comp = zlib.compressobj(self.level, zlib.DEFLATED, -15)
-        self._crc = 0
-        self._size = 0
-        return offset
+        """Close the current member and open a new one; return its index."""
+        self._submit()
+        self._parts = []
+        self._extra = extra
+        self.offsets.append(None)
+        return len(self.offsets) - 1
 
     def write(self, data):
         self.diff_id.update(data)
         self.uncompressed += len(data)
-        self._crc = zlib.crc32(data, self._crc)
-        self._size += len(data)
-        self._emit(self._comp.compress(data))
+        self._parts.append(data)
 
-    def finish(self):
-        if self._comp is not None:
-            self._emit(self._comp.flush())
-            self._emit(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
-            self._comp = None
+    def flush(self):
+        """Write every member started so far; their offsets are then known."""
+        self._submit()
+        while self.pending:
+            self._write_oldest()
 
     def raw(self, data):
         """Write bytes outside any member (the footer)."""
-        self.finish()
+        self.flush()
         self._emit(data)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _round_mtime(mtime):
@@ -213,8 +250,8 @@ def _order(members, prioritized):
 
 
 class _Converter:
-    def __init__(self, out, legacy, chunk_size, level, progress, total):
-        self.w = _MemberWriter(out, level)
+    def __init__(self, out, legacy, chunk_size, level, progress, total, workers):
+        self.w = _MemberWriter(out, level, workers)
         self.legacy = legacy
         self.chunk_size = chunk_size
         self.progress = progress
@@ -223,6 +260,7 @@ class _Converter:
         self.toc = []
         self._seen_users = set()
         self._seen_groups = set()
+        self._with_offset = []
         self.w.start()
 
     def _toc_entry(self, info, name, kind):
@@ -284,7 +322,8 @@ class _Converter:
         written = 0
         current = entry
         while written < size:
-            current["offset"] = self.w.start()
+            current["offset"] = self.w.start()      # a member index until close()
+            self._with_offset.append(current)
             if written:
                 current["chunkOffset"] = written
             n = min(self.chunk_size, size - written)
@@ -319,10 +358,30 @@ class _Converter:
         info.mode = 0
         self.add(info, name, io.BytesIO(LANDMARK_CONTENT))
 
+    def write_all(self, tar, members, order, landmark_index):
+        """Write ``order``'s entries with the landmark, then the TOC; return the TOC JSON."""
+        if not self.legacy and landmark_index == 0:
+            self.add_landmark(NO_PREFETCH_LANDMARK)
+        for index, name in enumerate(order):
+            if index == landmark_index and index and not self.legacy:
+                self.add_landmark(PREFETCH_LANDMARK)
+            info = members[name]
+            payload = tar.extractfile(info) if info.isreg() else None
+            try:
+                self.add(info, name, payload)
+            except (tarfile.TarError, OSError) as exc:
+                raise FormatError(f"input entry {info.name!r}: {exc}") from None
+        if not self.legacy and landmark_index and landmark_index == len(order):
+            self.add_landmark(PREFETCH_LANDMARK)
+        return self.close()
+
     def close(self):
+        self.w.flush()
+        for entry in self._with_offset:
+            entry["offset"] = self.w.offsets[entry["offset"]]
         toc = {"version": 1, "entries": self.toc}
         toc_json = json.dumps(toc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        toc_offset = self.w.start(b"stargz.toc" if self.legacy else None)
+        toc_member = self.w.start(b"stargz.toc" if self.legacy else None)
         info = tarfile.TarInfo(TOC_NAME)
         info.size = len(toc_json)
         info.mode = 0o644
@@ -331,17 +390,20 @@ class _Converter:
         if len(toc_json) % tarfile.BLOCKSIZE:
             self.w.write(b"\0" * (tarfile.BLOCKSIZE - len(toc_json) % tarfile.BLOCKSIZE))
         self.w.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        self.w.raw(encode_footer(toc_offset, legacy=self.legacy))
+        self.w.flush()
+        self.w.raw(encode_footer(self.w.offsets[toc_member], legacy=self.legacy))
         return toc_json
 
 
 def convert(source, out, legacy=False, chunk_size=DEFAULT_CHUNK_SIZE, prioritized=None,
-            compression_level=DEFAULT_COMPRESSION_LEVEL, progress=None):
+            compression_level=DEFAULT_COMPRESSION_LEVEL, progress=None, workers=None):
     """Convert a tar or tar.gz (path or file object) into an eStargz blob written to ``out``.
 
     ``prioritized`` names the files a workload reads first; they go before
     ``.prefetch.landmark``.  ``progress(done, total)`` is called with bytes of
-    file content written.  Returns a ConvertResult.
+    file content written.  Members are compressed by ``workers`` threads
+    (default: one per CPU); the output does not depend on their number.
+    Returns a ConvertResult.
     """
     if chunk_size <= 0:
         raise FormatError("chunk size must be positive")
@@ -353,27 +415,16 @@ def convert(source, out, legacy=False, chunk_size=DEFAULT_CHUNK_SIZE, prioritize
             tar = tarfile.open(fileobj=fileobj, mode="r:", errors="surrogateescape")
         except tarfile.TarError as exc:
             raise FormatError(f"input is not a tar or tar.gz archive: {exc}") from None
-        try:
+        with tar:
             members = _read_members(tar)
             order, missed, landmark_index = _order(members, prioritized)
             total = sum(members[n].size for n in order if members[n].isreg())
-            conv = _Converter(out, legacy, chunk_size, compression_level, progress, total)
-            if not legacy and landmark_index == 0:
-                conv.add_landmark(NO_PREFETCH_LANDMARK)
-            for index, name in enumerate(order):
-                if index == landmark_index and index and not legacy:
-                    conv.add_landmark(PREFETCH_LANDMARK)
-                info = members[name]
-                payload = tar.extractfile(info) if info.isreg() else None
-                try:
-                    conv.add(info, name, payload)
-                except (tarfile.TarError, OSError) as exc:
-                    raise FormatError(f"input entry {info.name!r}: {exc}") from None
-            if not legacy and landmark_index and landmark_index == len(order):
-                conv.add_landmark(PREFETCH_LANDMARK)
-            toc_json = conv.close()
-        finally:
-            tar.close()
+            conv = _Converter(out, legacy, chunk_size, compression_level, progress, total,
+                              workers or os.cpu_count() or 1)
+            try:
+                toc_json = conv.write_all(tar, members, order, landmark_index)
+            finally:
+                conv.w.close()
     w = conv.w
     return ConvertResult(
         toc_digest="sha256:" + hashlib.sha256(toc_json).hexdigest(),
