@@ -1,0 +1,284 @@
+"""One stargz layer seen as a read-only directory tree, for the plugin callbacks.
+
+Every metadata answer (stat, lookup, listing, xattrs, symlink targets) comes
+from the TOC in memory.  The only disk state is per layer, under the layer's
+private directory (PATH of ``//stargz/DATA/PATH``):
+
+- ``tree/``: a skeleton of the layer, made on demand one directory at a time.
+  Directories carry the layer's owner, mode, mtime and xattrs (fuse-overlayfs
+  copies a directory up from the fd ``openat`` returns); their children are
+  empty placeholders, so ``opendir`` can return a real glibc ``DIR *``.
+- regular files are served from the shared ``ContentCache``: the first
+  ``openat`` fetches the whole file, verifies it and returns an O_RDONLY fd of
+  the cached copy, whose size always equals the ``st_size`` reported.
+
+The view follows what a plain directory with the extracted layer would
+show, except that a whiteout ``.wh.X`` is dropped when ``X`` itself is in the
+same directory of the layer (fuse-overlayfs would otherwise hide ``X``,
+while OCI whiteouts only apply to lower layers).
+"""
+
+import errno
+import logging
+import os
+import posixpath
+import shutil
+import stat
+import threading
+
+from .errors import StargzError
+from .toc import OPAQUE_MARKER, WHITEOUT_PREFIX
+
+log = logging.getLogger("stargz_overlay.plugin")
+
+INO_BASE = 1 << 40          # private inode range, clear of real filesystems
+INO_LAYER_STRIDE = 1 << 32  # each layer of a process gets its own range
+
+TYPE_MODE = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
+             "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+TYPE_DT = {"dir": 4, "reg": 8, "symlink": 10, "char": 2, "block": 6, "fifo": 1}  # DT_*
+
+
+def fs_error(code, what=""):
+    return OSError(code, os.strerror(code), what)
+
+
+def normalize(path):
+    """Layer-relative name for a path from fuse-overlayfs ('.', './x', '/.wh.', 'a/b')."""
+    while True:
+        if path.startswith("/"):
+            path = path.lstrip("/")
+        elif path.startswith("./"):
+            path = path[2:]
+        elif path == ".":
+            return ""
+        else:
+            break
+    if "/." in path or "//" in path or path.endswith("/"):
+        path = posixpath.normpath("/" + path).lstrip("/")
+    return path
+
+
+class CountingSource:
+    """Pass-through blob source that logs every read (``log_reads``) and counts them."""
+
+    def __init__(self, inner, label, log_reads):
+        self.inner = inner
+        self.size = inner.size
+        self.label = label
+        self.log_reads = log_reads
+        self.reads = 0
+        self.bytes = 0
+
+    def read_at(self, offset, length):
+        self.reads += 1
+        self.bytes += length
+        if self.log_reads:
+            log.info("blob-read %s offset=%d length=%d", self.label, offset, length)
+        return self.inner.read_at(offset, length)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class LayerView:
+    """The files of one layer, answered from its TOC."""
+
+    def __init__(self, reader, workdir, cache, slot, label):
+        self.reader = reader
+        self.toc = reader.toc
+        self.workdir = workdir
+        self.tree = os.path.join(workdir, "tree")
+        self.cache = cache
+        self.label = label
+        self.ino_base = INO_BASE + slot * INO_LAYER_STRIDE
+        self.dev = os.makedev(0xfe, 0x100 + slot)   # constant per layer, unlike real devices
+        self.paths = {}     # name -> Entry (every visible name, hardlinks included)
+        self.listing = {}   # directory name -> {child name: Entry}, visible children only
+        self._computed = {}            # Entry.ino -> digest, for files the TOC gives none
+        self._made = set()             # skeleton directories already materialised
+        self._skel_lock = threading.Lock()
+        self._build()
+        self._reset_tree()
+
+    # -- set-up --
+
+    def _build(self):
+        stack = [("", self.toc.root)]
+        self.paths[""] = self.toc.root
+        while stack:
+            path, entry = stack.pop()
+            visible = {}
+            for name, child in entry.children.items():
+                if (name.startswith(WHITEOUT_PREFIX) and name != OPAQUE_MARKER
+                        and name[len(WHITEOUT_PREFIX):] in entry.children):
+                    continue
+                visible[name] = child
+                child_path = f"{path}/{name}" if path else name
+                self.paths[child_path] = child
+                if child.type == "dir":
+                    stack.append((child_path, child))
+            self.listing[path] = visible
+
+    def _reset_tree(self):
+        if os.path.lexists(self.tree):
+            trash = f"{self.tree}.old.{os.getpid()}"
+            os.rename(self.tree, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.mkdir(self.tree, 0o700)
+
+    def close(self):
+        shutil.rmtree(self.tree, ignore_errors=True)
+        close = getattr(self.reader.source, "close", None)
+        if close is not None:
+            close()
+
+    # -- lookups --
+
+    def lookup(self, path):
+        entry = self.paths.get(normalize(path))
+        if entry is None:
+            raise fs_error(errno.ENOENT)
+        return entry
+
+    def exists(self, path):
+        return normalize(path) in self.paths
+
+    def ino(self, entry):
+        return self.ino_base + entry.ino
+
+    def stat_fields(self, entry):
+        """(dev, ino, mode, nlink, uid, gid, rdev major, rdev minor, size, mtime)."""
+        kind = entry.type
+        if kind == "reg":
+            size = entry.size
+        elif kind == "symlink":
+            size = len(os.fsencode(entry.link_name))
+        elif kind == "dir":
+            size = 4096
+        else:
+            size = 0
+        return (self.dev, self.ino_base + entry.ino, TYPE_MODE[kind] | entry.mode, entry.nlink,
+                entry.uid, entry.gid, entry.dev_major, entry.dev_minor, size, entry.mtime)
+
+    def dirent_fields(self, dir_path, name):
+        """(d_ino, d_type) of ``name`` in directory ``dir_path``, or None if not listed."""
+        children = self.listing.get(dir_path)
+        entry = children.get(name) if children else None
+        if entry is None:
+            return None
+        return self.ino_base + entry.ino, TYPE_DT[entry.type]
+
+    def readlink(self, path):
+        entry = self.lookup(path)
+        if entry.type != "symlink":
+            raise fs_error(errno.EINVAL)
+        return os.fsencode(entry.link_name)
+
+    def xattr_names(self, path):
+        return b"".join(os.fsencode(k) + b"\0" for k in self.lookup(path).xattrs)
+
+    def xattr(self, path, name):
+        value = self.lookup(path).xattrs.get(name)
+        if value is None:
+            raise fs_error(errno.ENODATA)
+        return value
+
+    # -- directories on disk --
+
+    def skeleton_dir(self, path):
+        """Absolute path of the materialised skeleton directory ``path`` (normalised)."""
+        entry = self.paths.get(path)
+        if entry is None:
+            raise fs_error(errno.ENOENT)
+        if entry.type != "dir":
+            raise fs_error(errno.ENOTDIR)
+        with self._skel_lock:
+            self._make_dir(path)
+        return os.path.join(self.tree, path) if path else self.tree
+
+    def _make_dir(self, path):
+        if path in self._made:
+            return
+        if path:
+            self._make_dir(posixpath.dirname(path))
+        target = os.path.join(self.tree, path) if path else self.tree
+        try:
+            os.mkdir(target, 0o700)
+        except FileExistsError:
+            pass
+        for name, child in self.listing[path].items():
+            child_path = os.path.join(target, name)
+            try:
+                if child.type == "dir":
+                    os.mkdir(child_path, 0o700)
+                else:
+                    os.close(os.open(child_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_CLOEXEC, 0o600))
+            except FileExistsError:
+                pass
+        self._apply_metadata(target, self.paths[path])
+        self._made.add(path)
+
+    def _apply_metadata(self, target, entry):
+        for key, value in entry.xattrs.items():
+            try:
+                os.setxattr(target, key, value, follow_symlinks=False)
+            except OSError as exc:
+                log.debug("%s: cannot set xattr %s on %s: %s", self.label, key, target, exc)
+        try:
+            os.chown(target, entry.uid, entry.gid, follow_symlinks=False)
+        except OSError as exc:
+            log.debug("%s: cannot chown %s: %s", self.label, target, exc)
+        os.chmod(target, entry.mode)
+        os.utime(target, (entry.mtime, entry.mtime), follow_symlinks=False)
+
+    # -- opening --
+
+    def open(self, path, flags):
+        """A real O_RDONLY fd for ``path``: whole verified file, or a real directory."""
+        name = normalize(path)
+        entry = self.paths.get(name)
+        hops = 0
+        while entry is not None and entry.type == "symlink":
+            if flags & os.O_NOFOLLOW:
+                raise fs_error(errno.ELOOP)
+            hops += 1
+            if hops > 40:
+                raise fs_error(errno.ELOOP)
+            target = entry.link_name
+            base = "" if target.startswith("/") else posixpath.dirname(name)
+            name = normalize(posixpath.join(base, target))
+            entry = self.paths.get(name)
+        if entry is None:
+            raise fs_error(errno.ENOENT)
+        if entry.type == "dir":
+            return os.open(self.skeleton_dir(name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if flags & os.O_DIRECTORY:
+            raise fs_error(errno.ENOTDIR)
+        if entry.type != "reg":
+            raise fs_error(errno.ENXIO)
+        cached = self.file_path(entry, name)
+        return os.open(cached, os.O_RDONLY | os.O_CLOEXEC | (flags & os.O_NONBLOCK))
+
+    def file_path(self, entry, name):
+        """Cache path of a regular file's verified content, fetched if needed."""
+        if entry.size == 0:
+            return self.cache.empty()
+        digest = entry.digest or self._computed.get(entry.ino)
+        try:
+            if digest is not None:
+                return self.cache.get(digest, entry.size, lambda: self._fetch(entry, name))
+            digest, path = self.cache.put(self._fetch(entry, name), entry.size)
+            self._computed[entry.ino] = digest
+            return path
+        except StargzError as exc:
+            log.error("%s: cannot open %s: %s", self.label, name, exc)
+            raise fs_error(errno.EIO, name) from None
+        except OSError as exc:
+            log.error("%s: cannot open %s: %s", self.label, name, exc)
+            raise fs_error(errno.EIO, name) from None
+
+    def _fetch(self, entry, name):
+        log.debug("%s: fetching %s (%d bytes)", self.label, name, entry.size)
+        return self.reader.iter_file(entry)

@@ -1,0 +1,154 @@
+"""Process-wide state of the plugin: configuration, log, cache and loaded layers.
+
+Everything here runs first in fuse-overlayfs's pre-fork parent (plugin_load,
+load_data_source), then in the daemon it forks.  So: no threads are started
+at load; the log is a file opened by absolute path; load errors are printed
+on stderr only while still in the loading process (the mount then fails).
+"""
+
+import logging
+import os
+import sys
+
+from .cache import ContentCache
+from .config import load_config
+from .errors import StargzError
+from .layer_spec import decode
+from .layer_view import CountingSource, LayerView
+
+log = logging.getLogger("stargz_overlay.plugin")
+LOG_FORMAT = "%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s"
+
+
+class PluginState:
+    def __init__(self):
+        self.so_path = ""
+        self.config = None
+        self.cache = None
+        self.views = {}          # slot id (>= 1, stored in ovl_layer) -> LayerView
+        self.next_slot = 0
+        self.load_pid = None
+        self.daemon_pid = None
+        self.log_path = None
+        self._registry = None
+
+    # -- set-up (pre-fork) --
+
+    def plugin_load(self, opaque, path):
+        spec = decode(opaque)
+        self._setup(spec.config, path)
+
+    def _setup(self, config_path, layer_path):
+        if self.config is not None:
+            return
+        config = load_config(config_path)
+        self._setup_logging(config, layer_path)
+        self.cache = ContentCache(config.cache_dir, fsync=config.fsync)
+        self.config = config
+        self.load_pid = os.getpid()
+        log.info("stargz-overlay plugin %s loaded in pid %d (config: %s)", self.so_path,
+                 self.load_pid, config.path or "defaults")
+
+    def _setup_logging(self, config, layer_path):
+        handler = None
+        candidates = [config.log_file]
+        if layer_path:
+            candidates.append(os.path.join(os.path.realpath(layer_path), "plugin.log"))
+        for candidate in candidates:
+            try:
+                os.makedirs(os.path.dirname(candidate), mode=0o700, exist_ok=True)
+                handler = logging.FileHandler(candidate, encoding="utf-8")
+                self.log_path = candidate
+                break
+            except OSError as exc:
+                self._stderr(f"warning: cannot open log file {candidate}: {exc.strerror}")
+        root = logging.getLogger()
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        root.addHandler(handler or logging.NullHandler())
+        if handler is not None:
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.setLevel(logging.INFO)
+        logging.getLogger("stargz_overlay").setLevel(config.log_level.upper())
+        logging.captureWarnings(True)
+
+    def load_layer(self, opaque, path):
+        """Load one layer: return (slot id for ovl_layer, O_DIRECTORY fd of its directory)."""
+        spec = decode(opaque)
+        self._setup(spec.config, path)
+        if not path:
+            raise StargzError(f"{spec.describe()}: the lowerdir needs a directory after DATA "
+                              f"(//stargz/DATA//abs/dir)")
+        workdir = os.path.realpath(path)     # the daemon runs with cwd "/"
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        slot = self.next_slot
+        label = f"layer{slot}({spec.describe()})"
+        try:
+            reader = self._open_reader(spec, label)
+        except StargzError as exc:
+            raise StargzError(f"cannot load {spec.describe()}: {exc}") from None
+        view = LayerView(reader, workdir, self.cache, slot, label)
+        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.next_slot += 1
+        self.views[slot + 1] = view
+        log.info("%s: %s with %d entries, TOC %s, directory %s", label, reader.kind,
+                 len(reader.toc.entries), reader.toc_digest, workdir)
+        return slot + 1, fd
+
+    def _open_reader(self, spec, label):
+        from .reader import StargzReader
+        if spec.kind == "blob":
+            from .source import FileSource
+            source = FileSource(spec.path)
+            toc = spec.toc
+        else:
+            source, toc = self._registry_source(spec)
+        counted = CountingSource(source, label, self.config.log_reads)
+        return StargzReader(counted, toc_digest=toc)
+
+    def _registry_source(self, spec):
+        from . import registry_layers
+        if self._registry is None:
+            self._registry = registry_layers.make_client(self.config)
+        return registry_layers.open_layer(self._registry, spec)
+
+    def report_load_error(self, message):
+        log.error("%s", message)
+        self._stderr(f"error: {message}")
+
+    def _stderr(self, message):
+        # Only before the fork: afterwards stderr is /dev/null, and keeping the
+        # caller's stderr is what must never happen.
+        if self.load_pid is None or os.getpid() == self.load_pid:
+            try:
+                sys.stderr.write(f"stargz-overlay: {message}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    # -- running --
+
+    def view(self, slot):
+        return self.views[slot]
+
+    def touch(self):
+        """Called from the callbacks: notice the first call in the forked daemon."""
+        if self.daemon_pid is None and os.getpid() != self.load_pid:
+            self.daemon_pid = os.getpid()
+            log.info("serving in daemon pid %d", self.daemon_pid)
+
+    def unload_layer(self, slot):
+        view = self.views.pop(slot, None)
+        if view is not None:
+            log.info("%s: released (%d blob reads, %d bytes)", view.label,
+                     view.reader.source.reads, view.reader.source.bytes)
+            view.close()
+
+    def release(self):
+        log.info("plugin released; %d files fetched into the cache", self.cache.fetches
+                 if self.cache else 0)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+
+
+STATE = PluginState()
