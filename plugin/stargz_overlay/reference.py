@@ -26,6 +26,8 @@ _DIGEST_RE = re.compile(
     r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}\Z")
 _SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _MAX_NAME = 255
+_OTHER_TRANSPORT_RE = re.compile(
+    r"(oci|oci-archive|dir|containers-storage|docker-archive|docker-daemon|sif|tarball):")
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def parse_reference(text):
         raise InvalidReference("empty image reference")
     if text.startswith(TRANSPORT):
         text = text[len(TRANSPORT):]
-    elif "://" in text:
+    elif "://" in text or _OTHER_TRANSPORT_RE.match(text):
         raise InvalidReference(f"{original!r}: only the docker:// transport is supported here")
     digest = None
     if "@" in text:

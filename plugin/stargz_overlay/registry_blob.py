@@ -239,10 +239,13 @@ class RegistryBlob:
         header = "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in spans)
         multi = len(spans) > 1
         stats = self.client.stats
+        fresh = None                    # a redirect target received just now
         for _ in range(3):
-            url = self._cached_redirect()
-            if url is not None:
+            url = fresh or self._cached_redirect()
+            if url is not None and fresh is None:
                 stats.add("redirect_cache_hits")
+            fresh = None
+            if url is not None:
                 target, auth, where = self.client.storage_endpoint(url), False, url
             else:
                 target, auth, where = ep, True, self._path(src)
@@ -271,14 +274,10 @@ class RegistryBlob:
                 raise
             if "url" in redirected:
                 stats.add("redirects")
-                new = redirected["url"]
-                ttl = _redirect_ttl(new, self.client.redirect_ttl)
+                fresh = redirected["url"]
+                ttl = _redirect_ttl(fresh, self.client.redirect_ttl)
                 with self._lock:
-                    self._redirect = (new, time.monotonic() + ttl) if ttl > 0 else None
-                if ttl <= 0:
-                    # uncacheable: use it once right away
-                    with self._lock:
-                        self._redirect = (new, time.monotonic() + 5)
+                    self._redirect = (fresh, time.monotonic() + ttl) if ttl > 0 else None
                 continue
             return result
         raise RegistryError(f"{ep.host}: blob {self.digest}: too many redirects")
