@@ -652,6 +652,19 @@ class RegistryClient:
             return data
         raise _combine(errors, f"cannot fetch blob {digest}")
 
+    def get_manifest(self, reference, locator=None):
+        """A manifest or index as ``(doc, body, digest, media_type)``, from the first
+        source that has it; ``locator`` (tag or digest) overrides the reference's."""
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        errors = []
+        for src in self.sources(ref):
+            try:
+                return self._get_manifest(src, locator or src.reference.locator,
+                                          Deadline(self.deadline))
+            except (RegistryError, ConfigError) as exc:
+                errors.append(exc)
+        raise _combine(errors, f"cannot fetch manifest of {ref}")
+
     def resolve(self, reference, platform=None):
         """Resolve a reference to an Image (manifest, config, layers) for a platform."""
         ref = parse_reference(reference) if isinstance(reference, str) else reference

@@ -7,8 +7,10 @@ import sys
 import tempfile
 
 from ..errors import StargzError
+from ..image_convert import ConvertOptions, ImageConverter, describe, is_image_spec, open_endpoint
 from ..progress import Progress
 from ..reader import StargzReader
+from ..registry import RegistryClient
 from ..source import FileSource
 from ..writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
 
@@ -32,8 +34,27 @@ def _read_list(path):
     except OSError as exc:
         raise StargzError(f"cannot read prioritized files list {path}: {exc.strerror}") from None
 
+def convert_image(args, prioritized):
+    """``convert docker://SRC docker://DST`` (or ``oci:DIR[:TAG]`` on either side)."""
+    options = ConvertOptions(chunk_size=args.chunk_size, legacy=args.legacy,
+                             compression_level=args.compression_level,
+                             prioritized=prioritized, reconvert=args.reconvert)
+    client = RegistryClient()
+    src = open_endpoint(args.input, client)
+    dst = open_endpoint(args.output, client, create=True)
+    report = ImageConverter(src, dst, options).run()
+    if args.json:
+        print(json.dumps({"digest": report.digest, "mediaType": report.media_type,
+                          "layers": [vars(layer) for layer in report.layers]}, indent=2))
+    else:
+        print("\n".join(describe(report)))
+    return 0
+
+
 def cmd_convert(args):
     prioritized = _read_list(args.prioritized_files) if args.prioritized_files else None
+    if is_image_spec(args.input) or is_image_spec(args.output):
+        return convert_image(args, prioritized)
     try:
         source = open(args.input, "rb")
     except OSError as exc:
@@ -157,9 +178,13 @@ def _positive_int(text):
     return value
 
 def register(subparsers):
-    p = subparsers.add_parser("convert", help="convert a tar/tar.gz layer to eStargz or stargz")
-    p.add_argument("input", metavar="IN", help="tar or tar.gz layer")
-    p.add_argument("output", metavar="OUT", help="blob to write")
+    p = subparsers.add_parser(
+        "convert", help="convert a layer (tar/tar.gz) or a whole image to eStargz",
+        description="Convert a tar/tar.gz layer file into an eStargz (or stargz) blob, or "
+                    "every layer of every platform of an image: IN and OUT may be "
+                    "docker://REF or oci:DIR[:TAG].")
+    p.add_argument("input", metavar="IN", help="tar or tar.gz layer, docker://REF, oci:DIR[:TAG]")
+    p.add_argument("output", metavar="OUT", help="blob to write, docker://REF, oci:DIR[:TAG]")
     p.add_argument("--legacy", action="store_true", help="write legacy stargz (47-byte footer)")
     p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
                    metavar="N", help=f"chunk size in bytes (default {DEFAULT_CHUNK_SIZE})")
@@ -168,6 +193,8 @@ def register(subparsers):
                    help=f"gzip level (default {DEFAULT_COMPRESSION_LEVEL})")
     p.add_argument("--prioritized-files", metavar="LISTFILE",
                    help="file with one path per line to place before .prefetch.landmark")
+    p.add_argument("--reconvert", action="store_true",
+                   help="images: convert layers that are already eStargz again")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_convert)
 
