@@ -563,6 +563,24 @@ func cmdOpen(args []string) error {
 		return err
 	}
 	return printJSON(map[string]interface{}{
-		"seconds": secs, "paths": n, "maxRssKiB": ru.Maxrss,
+		"seconds": secs, "paths": n, "maxRssKiB": ru.Maxrss, "vmHWMKiB": vmHWM(),
 	})
+}
+
+// vmHWM is this process's peak RSS from /proc/self/status (KiB), or -1.
+// Unlike ru_maxrss it does not inherit the parent's peak across fork+exec.
+func vmHWM() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "VmHWM:") {
+			var kib int64
+			if _, err := fmt.Sscanf(strings.TrimSpace(line[len("VmHWM:"):]), "%d", &kib); err == nil {
+				return kib
+			}
+		}
+	}
+	return -1
 }
