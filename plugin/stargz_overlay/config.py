@@ -8,14 +8,18 @@ missing default file means all defaults.  Keys (all optional)::
     log_file = "/var/log/stargz-overlay/plugin.log"
     log_level = "info"          # debug, info, warning, error
     log_reads = false           # log every blob read (offset, length): tests, debugging
+    log_calls = false           # log every plugin callback with its arguments (debug level)
     fsync = true                # fdatasync cache files before publishing them
 
     [registry]
     connect_timeout = 10.0      # seconds
-    read_timeout = 60.0         # seconds without progress on a request
+    read_timeout = 30.0         # seconds without progress on a request
     retries = 3                 # attempts per request on transient errors
-    insecure = []               # "host:port" reached over plain HTTP
+    deadline = 120.0            # seconds for one request including its retries
+    insecure = []               # "host:port" reached over plain HTTP (or unverified TLS)
+    registries_conf = ""        # "" = $CONTAINERS_REGISTRIES_CONF or the system file
     auth_file = ""              # containers-auth.json; "" = the usual search path
+    certs_dir = ""              # certs.d directory; "" = the usual ones
 
 Relative paths are taken relative to the configuration file's directory.
 Unknown keys are an error, so a typo never silently falls back to a default.
@@ -35,10 +39,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 @dataclass
 class RegistryConfig:
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 30.0
     retries: int = 3
+    deadline: float = 120.0
     insecure: list = field(default_factory=list)
+    registries_conf: str = ""
     auth_file: str = ""
+    certs_dir: str = ""
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Config:
     log_file: str = "/var/log/stargz-overlay/plugin.log"
     log_level: str = "info"
     log_reads: bool = False
+    log_calls: bool = False
     fsync: bool = True
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     path: str = ""            # the file this came from, "" for defaults
@@ -105,13 +113,14 @@ def finish(config, base=None):
     base = base or os.getcwd()
     config.cache_dir = _resolve(base, config.cache_dir)
     config.log_file = _resolve(base, config.log_file)
-    config.registry.auth_file = _resolve(base, config.registry.auth_file)
+    for key in ("registries_conf", "auth_file", "certs_dir"):
+        setattr(config.registry, key, _resolve(base, getattr(config.registry, key)))
     if not config.cache_dir:
         raise ConfigError("cache_dir must not be empty")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
     reg = config.registry
-    if reg.connect_timeout <= 0 or reg.read_timeout <= 0:
+    if reg.connect_timeout <= 0 or reg.read_timeout <= 0 or reg.deadline <= 0:
         raise ConfigError("registry timeouts must be positive")
     if reg.retries < 1:
         raise ConfigError("registry retries must be at least 1")

@@ -34,6 +34,7 @@ log = logging.getLogger("stargz_overlay.plugin")
 INO_BASE = 1 << 40          # private inode range, clear of real filesystems
 INO_LAYER_STRIDE = 1 << 32  # each layer of a process gets its own range
 
+PRIVATE_DIRS = ("tree", "xattr-files", "specials")   # per-layer state under the layer dir
 TYPE_MODE = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
              "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
 TYPE_DT = {"dir": 4, "reg": 8, "symlink": 10, "char": 2, "block": 6, "fifo": 1}  # DT_*
@@ -121,14 +122,17 @@ class LayerView:
             self.listing[path] = visible
 
     def _reset_tree(self):
-        if os.path.lexists(self.tree):
-            trash = f"{self.tree}.old.{os.getpid()}"
-            os.rename(self.tree, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        for sub in PRIVATE_DIRS:
+            old = os.path.join(self.workdir, sub)
+            if os.path.lexists(old):
+                trash = f"{old}.old.{os.getpid()}"
+                os.rename(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         os.mkdir(self.tree, 0o700)
 
     def close(self):
-        shutil.rmtree(self.tree, ignore_errors=True)
+        for sub in PRIVATE_DIRS:
+            shutil.rmtree(os.path.join(self.workdir, sub), ignore_errors=True)
         close = getattr(self.reader.source, "close", None)
         if close is not None:
             close()
@@ -158,7 +162,8 @@ class LayerView:
             size = 4096
         else:
             size = 0
-        return (self.dev, self.ino_base + entry.ino, TYPE_MODE[kind] | entry.mode, entry.nlink,
+        mode = entry.mode if kind != "symlink" else 0o777     # Linux symlinks are 0777
+        return (self.dev, self.ino_base + entry.ino, TYPE_MODE[kind] | mode, entry.nlink,
                 entry.uid, entry.gid, entry.dev_major, entry.dev_minor, size, entry.mtime)
 
     def dirent_fields(self, dir_path, name):
@@ -221,11 +226,7 @@ class LayerView:
         self._made.add(path)
 
     def _apply_metadata(self, target, entry):
-        for key, value in entry.xattrs.items():
-            try:
-                os.setxattr(target, key, value, follow_symlinks=False)
-            except OSError as exc:
-                log.debug("%s: cannot set xattr %s on %s: %s", self.label, key, target, exc)
+        self._set_xattrs(target, entry)
         try:
             os.chown(target, entry.uid, entry.gid, follow_symlinks=False)
         except OSError as exc:
@@ -257,9 +258,57 @@ class LayerView:
         if flags & os.O_DIRECTORY:
             raise fs_error(errno.ENOTDIR)
         if entry.type != "reg":
-            raise fs_error(errno.ENXIO)
+            return os.open(self._special(entry), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         cached = self.file_path(entry, name)
+        if entry.xattrs:
+            cached = self._with_xattrs(entry, cached)
         return os.open(cached, os.O_RDONLY | os.O_CLOEXEC | (flags & os.O_NONBLOCK))
+
+    def _with_xattrs(self, entry, cached):
+        """A per-layer copy of a cached file carrying the entry's xattrs.
+
+        Copy-up takes xattrs from the fd, and the shared cache file cannot
+        carry them (one content, possibly several sets of xattrs).
+        """
+        path = os.path.join(self.workdir, "xattr-files", str(entry.ino))
+        if os.path.exists(path):
+            return path
+        with self._skel_lock:
+            if os.path.exists(path):
+                return path
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(cached, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            self._set_xattrs(tmp, entry)
+            os.chmod(tmp, 0o400)
+            os.rename(tmp, path)
+        return path
+
+    def _special(self, entry):
+        """A stand-in for a fifo or device: fuse-overlayfs opens one on unlink/copy-up.
+
+        Fifos get a real fifo; devices an empty regular file, so that no device
+        driver is ever opened; both carry the entry's xattrs.
+        """
+        path = os.path.join(self.workdir, "specials", str(entry.ino))
+        with self._skel_lock:
+            if not os.path.lexists(path):
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                if entry.type == "fifo":
+                    os.mkfifo(path, 0o600)
+                else:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                self._set_xattrs(path, entry)
+        return path
+
+    def _set_xattrs(self, path, entry):
+        for key, value in entry.xattrs.items():
+            try:
+                os.setxattr(path, key, value, follow_symlinks=False)
+            except OSError as exc:
+                log.warning("%s: cannot set xattr %s on %s: %s", self.label, key,
+                            entry.name, exc)
 
     def file_path(self, entry, name):
         """Cache path of a regular file's verified content, fetched if needed."""

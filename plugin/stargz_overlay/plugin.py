@@ -50,6 +50,40 @@ def _onerror(exc_type, exc, tb):
     return None
 
 
+_STRING_TYPES = (ffi.typeof("const char *"),)
+
+
+def _traced(fn):
+    """Log the call and its result when ``log_calls`` is on (tests, debugging)."""
+    name = fn.__name__[3:] if fn.__name__.startswith("sz_") else fn.__name__
+
+    def shown(arg):
+        if isinstance(arg, ffi.CData):
+            if arg == ffi.NULL:
+                return "NULL"
+            if ffi.typeof(arg) in _STRING_TYPES:
+                return repr(ffi.string(arg))
+            return "ptr"
+        return oct(arg) if name == "openat" else repr(arg)
+
+    def wrapper(*args):
+        if not STATE.log_calls:
+            return fn(*args)
+        text = ", ".join(shown(a) for a in args)
+        try:
+            result = fn(*args)
+        except OSError as exc:
+            log.debug("call %s(%s) -> %s", name, text, errno.errorcode.get(exc.errno, exc.errno))
+            raise
+        failed = (result == -1 or result == ffi.NULL) if result is not None else False
+        log.debug("call %s(%s) -> %s%s", name, text, "ptr" if isinstance(result, ffi.CData)
+                  else result, f" {errno.errorcode.get(ffi.errno, '')}" if failed else "")
+        return result
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
 def _path(p):
     return os.fsdecode(ffi.string(p))
 
@@ -101,11 +135,13 @@ def plugin_release():
 # -- struct data_source --
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_num_of_layers(opaque, path):
     return 1
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_load_data_source(l, opaque, path, n):
     try:
         slot, fd = STATE.load_layer(ffi.string(opaque).decode("ascii", "replace"), _path(path))
@@ -123,12 +159,14 @@ def sz_load_data_source(l, opaque, path, n):
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_cleanup(l):
     STATE.unload_layer(int(ffi.cast("uintptr_t", l.data_source_private_data)))
     return 0
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_file_exists(l, path):
     STATE.touch()
     if _view(l).exists(_path(path)):
@@ -138,6 +176,7 @@ def sz_file_exists(l, path):
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_statat(l, path, st, flags, mask):
     view = _view(l)
     lib.sz_fill_stat(st, *view.stat_fields(view.lookup(_path(path))))
@@ -145,6 +184,7 @@ def sz_statat(l, path, st, flags, mask):
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_fstat(l, fd, path, mask, st):
     view = _view(l)
     lib.sz_fill_stat(st, *view.stat_fields(view.lookup(_path(path))))
@@ -152,6 +192,7 @@ def sz_fstat(l, fd, path, mask, st):
 
 
 @ffi.def_extern(onerror=_onerror)
+@_traced
 def sz_opendir(l, path):
     STATE.touch()
     view = _view(l)
@@ -168,6 +209,7 @@ def sz_opendir(l, path):
 
 
 @ffi.def_extern(onerror=_onerror)
+@_traced
 def sz_readdir_cb(dirp):
     view, name = _DIRS[int(ffi.cast("uintptr_t", dirp))]
     errp = ffi.new("int *")
@@ -186,28 +228,33 @@ def sz_readdir_cb(dirp):
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_closedir_cb(dirp):
     _DIRS.pop(int(ffi.cast("uintptr_t", dirp)), None)
     return lib.sz_closedir(dirp)
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_openat(l, path, flags, mode):
     STATE.touch()
     return _view(l).open(_path(path), flags)
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_listxattr(l, path, buf, size):
     return _copy_out(_view(l).xattr_names(_path(path)), buf, size)
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_getxattr(l, path, name, buf, size):
     return _copy_out(_view(l).xattr(_path(path), _path(name)), buf, size)
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
+@_traced
 def sz_readlinkat(l, path, buf, bufsiz):
     target = _view(l).readlink(_path(path))[:bufsiz]
     ffi.memmove(buf, target, len(target))
@@ -215,6 +262,7 @@ def sz_readlinkat(l, path, buf, bufsiz):
 
 
 @ffi.def_extern(error=True, onerror=_onerror)
+@_traced
 def sz_support_acls(l):
     # 1.11+ turn POSIX ACLs off for the whole mount if any layer says no; a plain
     # directory layer says yes, and missing ACL xattrs are answered with ENODATA.
@@ -222,6 +270,7 @@ def sz_support_acls(l):
 
 
 @ffi.def_extern(error=0, onerror=_onerror)
+@_traced
 def sz_get_nfs_filehandle(l, path):
     ffi.errno = errno.ENOTSUP
     return 0

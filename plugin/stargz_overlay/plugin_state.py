@@ -31,6 +31,7 @@ class PluginState:
         self.daemon_pid = None
         self.log_path = None
         self._registry = None
+        self.log_calls = False
 
     # -- set-up (pre-fork) --
 
@@ -45,6 +46,7 @@ class PluginState:
         self._setup_logging(config, layer_path)
         self.cache = ContentCache(config.cache_dir, fsync=config.fsync)
         self.config = config
+        self.log_calls = config.log_calls
         self.load_pid = os.getpid()
         log.info("stargz-overlay plugin %s loaded in pid %d (config: %s)", self.so_path,
                  self.load_pid, config.path or "defaults")
