@@ -4,6 +4,6 @@ Every module here has ``register(subparsers)``, which adds its subcommands
 and sets ``func`` on each to a callable taking the parsed arguments.
 """
 
-from . import blob
+from . import blob, registry
 
-COMMAND_MODULES = (blob,)
+COMMAND_MODULES = (blob, registry)

@@ -10,7 +10,7 @@ from ..errors import StargzError
 from ..image_convert import ConvertOptions, ImageConverter, describe, is_image_spec, open_endpoint
 from ..progress import Progress
 from ..reader import StargzReader
-from ..registry import RegistryClient
+from ..registry import RegistryClient, open_layer_source
 from ..source import FileSource
 from ..writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
 
@@ -18,14 +18,17 @@ _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
               "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
 
 def _add_blob_argument(parser):
-    parser.add_argument("blob", metavar="BLOB", help="stargz/eStargz blob file")
+    parser.add_argument("blob", metavar="BLOB", help="stargz/eStargz blob file or docker://REF")
     parser.add_argument("--toc-digest", metavar="DIGEST",
                         help="expected TOC digest (sha256:...), e.g. from the layer annotation")
+    parser.add_argument("--layer", metavar="N|DIGEST",
+                        help="with docker://REF: the layer (index, negative from the top, or "
+                             "digest); its toc.digest annotation is checked")
 
 def open_reader(args):
     """Open the blob named on the command line and verify its TOC digest if given."""
-    source = FileSource(args.blob)
-    return StargzReader(source, toc_digest=args.toc_digest)
+    source, toc_digest = open_layer_source(args.blob, args.layer)
+    return StargzReader(source, toc_digest=args.toc_digest or toc_digest)
 
 def _read_list(path):
     try:
