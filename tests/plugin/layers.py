@@ -16,14 +16,15 @@ class BuiltLayer:
         self.result = result        # writer ConvertResult (toc_digest, ...)
 
 
-def build_layer(tmp, name, builder, chunk_size=64 << 10, legacy=False):
+def build_layer(tmp, name, builder, chunk_size=64 << 10, legacy=False, compression_level=6):
     """Write ``builder``'s tar, convert it, extract it; return a BuiltLayer."""
     tar = os.path.join(tmp, f"{name}.tar")
     with open(tar, "wb") as f:
         f.write(builder.bytes())
     blob = os.path.join(tmp, f"{name}.blob")
     with open(blob, "wb") as out:
-        result = convert(tar, out, chunk_size=chunk_size, legacy=legacy)
+        result = convert(tar, out, chunk_size=chunk_size, legacy=legacy,
+                         compression_level=compression_level)
     plain = os.path.join(tmp, f"{name}.plain")
     os.makedirs(plain)
     subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner",
