@@ -10,10 +10,12 @@ inconsistent is a ``FormatError``; nothing is guessed.
 import base64
 import binascii
 import bisect
+import gc
 import json
 import posixpath
 import re
 from datetime import datetime
+from types import MappingProxyType
 
 from .errors import FormatError
 
@@ -24,6 +26,7 @@ LANDMARKS = (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK)
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
+_NO_XATTRS = MappingProxyType({})
 FILE_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -73,9 +76,9 @@ class Entry:
         self.link_name = ""
         self.dev_major = 0
         self.dev_minor = 0
-        self.xattrs = {}
+        self.xattrs = _NO_XATTRS          # replaced by a dict when the entry has some
         self.digest = None
-        self.chunks = []
+        self.chunks = ()                  # a list for regular files with content
         self.nlink = 2 if type_ == "dir" else 1
         self.children = {} if type_ == "dir" else None
         self.ino = 0
@@ -187,6 +190,7 @@ def _make_entry(raw, name, kind):
     if xattrs:
         if not isinstance(xattrs, dict):
             raise FormatError(f"TOC entry {name!r}: xattrs must be an object")
+        entry.xattrs = {}
         for key, value in xattrs.items():
             try:
                 entry.xattrs[key] = base64.b64decode(value, validate=True)
@@ -251,8 +255,22 @@ def _finish_chunks(entry, boundaries, data_end):
 
 
 def parse_toc(toc_json, data_end):
-    """Build a TOC from JSON bytes; ``data_end`` is the blob offset of the TOC member."""
-    raw_entries = _load_json(toc_json)
+    """Build a TOC from JSON bytes; ``data_end`` is the blob offset of the TOC member.
+
+    The cyclic garbage collector is paused meanwhile: the tree is made of
+    hundreds of thousands of new objects that hold no cycles, and repeated
+    collections of them would make loading a large TOC several times slower.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse_toc(_load_json(toc_json), data_end)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _parse_toc(raw_entries, data_end):
     by_name = {}         # cleaned name -> Entry (later definitions win, at their position)
     hardlinks = {}       # cleaned name -> cleaned target
     offsets = set()
@@ -260,7 +278,9 @@ def parse_toc(toc_json, data_end):
     user_names = {}      # uid -> userName: writers name each id only once
     group_names = {}     # gid -> groupName
     root = None
-    for raw in raw_entries:
+    for index in range(len(raw_entries)):
+        raw = raw_entries[index]
+        raw_entries[index] = None        # free the JSON as the tree grows
         if not isinstance(raw, dict):
             raise FormatError("TOC entry is not an object")
         kind = raw.get("type")
@@ -300,7 +320,7 @@ def parse_toc(toc_json, data_end):
         if kind == "reg" and entry.size:
             chunk = _chunk(raw, name)
             offsets.add(chunk.offset)
-            entry.chunks.append(chunk)
+            entry.chunks = [chunk]
             current = entry
         if not name:
             if kind != "dir":
