@@ -55,7 +55,7 @@ _STRING_TYPES = (ffi.typeof("const char *"),)
 
 def _traced(fn):
     """Log the call and its result when ``log_calls`` is on (tests, debugging)."""
-    name = fn.__name__[3:] if fn.__name__.startswith("sz_") else fn.__name__
+    name = fn.__name__.removeprefix("sz_").removesuffix("_cb")
 
     def shown(arg):
         if isinstance(arg, ffi.CData):
