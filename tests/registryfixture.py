@@ -348,11 +348,14 @@ class Proxy(_ThreadedServer):
     headers so every blob GET gets a 200.  ``redirect_blobs``: answer blob GETs
     with 307 to ``/_storage/...`` on the proxy itself (served without auth).
     ``flip_byte``: blob offset whose byte is inverted in any answer covering it.
+    ``truncate``: number of blob answers (from now) cut off after ``truncate_at``
+    body bytes and the connection closed, as when a registry dies mid-answer.
     ``log``: list of ``(method, path, range_header, status)``.
     """
 
     def __init__(self, upstream, latency=0.0, multirange="pass", ignore_range=False,
-                 redirect_blobs=False, flip_byte=None, redirect_query=""):
+                 redirect_blobs=False, flip_byte=None, redirect_query="", truncate=0,
+                 truncate_at=10):
         self.upstream = upstream
         self.latency = latency
         self.multirange = multirange
@@ -360,6 +363,8 @@ class Proxy(_ThreadedServer):
         self.redirect_blobs = redirect_blobs
         self.redirect_query = redirect_query
         self.flip_byte = flip_byte
+        self.truncate = truncate
+        self.truncate_at = truncate_at
         self.log = []
         self.lock = threading.Lock()
         self.bytes_sent = 0
@@ -452,6 +457,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        cut = None
+        if is_blob and self.command == "GET" and resp.status in (200, 206):
+            with p.lock:
+                if p.truncate > 0:
+                    p.truncate -= 1
+                    cut = p.truncate_at
         start = 0
         cr = _RANGE_RE.match(resp.getheader("Content-Range") or "")
         if cr:
@@ -468,6 +479,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                         and start <= p.flip_byte < start + len(block)):
                     i = p.flip_byte - start
                     block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
+                if cut is not None:
+                    self.wfile.write(block[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 start += len(block)
                 if chunked:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
@@ -488,23 +505,27 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 # -- pushing test images --------------------------------------------------
 
 def push_image(client, reference, layers, config=None, layer_annotations=None,
-               media_type="application/vnd.oci.image.manifest.v1+json"):
+               media_type="application/vnd.oci.image.manifest.v1+json", diff_ids=None,
+               layer_media_type="application/vnd.oci.image.layer.v1.tar+gzip"):
     """Push ``layers`` (list of bytes or paths) with a minimal config; returns the
-    manifest digest.  ``layer_annotations``: list of dicts (or None) per layer."""
+    manifest digest.  ``layer_annotations``: list of dicts (or None) per layer;
+    ``diff_ids``: the real ones (e.g. ``convert(...).diff_id``) when the image
+    will be run; otherwise placeholders are written."""
     import hashlib
     layer_descs = []
-    diff_ids = []
+    placeholders = []
     for i, blob in enumerate(layers):
         data = blob if isinstance(blob, bytes) else open(blob, "rb").read()
         digest = client.push_blob(reference, data)
-        desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        desc = {"mediaType": layer_media_type,
                 "digest": digest, "size": len(data)}
         if layer_annotations and layer_annotations[i]:
             desc["annotations"] = layer_annotations[i]
         layer_descs.append(desc)
-        diff_ids.append("sha256:" + hashlib.sha256(data).hexdigest())   # not a real diffID
+        placeholders.append("sha256:" + hashlib.sha256(data).hexdigest())   # not a diffID
     config = config or {"architecture": "amd64", "os": "linux",
-                        "rootfs": {"type": "layers", "diff_ids": diff_ids}, "config": {}}
+                        "rootfs": {"type": "layers", "diff_ids": list(diff_ids or placeholders)},
+                        "config": {}}
     cfg = json.dumps(config).encode()
     cfg_digest = client.push_blob(reference, cfg)
     manifest = {"schemaVersion": 2, "mediaType": media_type,

@@ -446,6 +446,7 @@ class RegistryClient:
         """One request to a token server (retried like any other request)."""
         ep = self.storage_endpoint(url)
         deadline = Deadline(self.deadline)
+        self.stats.add("tokens")
         return self.call(ep, method, url, what=f"token from {urlsplit(url).netloc}",
                          deadline=deadline, auth=False, **kw)
 
@@ -485,6 +486,7 @@ class RegistryClient:
                 self.stats.add("requests")
             except requests.exceptions.SSLError as exc:
                 if ep.insecure and ep.scheme == "https" and "://" not in path:
+                    self.stats.add("requests")      # the failed TLS handshake was a round trip
                     log.info("%s: TLS failed (%s); insecure registry, trying plain HTTP",
                              ep.host, _describe_exc(exc))
                     ep.scheme = "http"

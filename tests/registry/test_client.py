@@ -278,3 +278,47 @@ def test_corrupted_bytes_are_detected(registry, image, estargz):
                     # the other files are still served, verified
                     assert reader.read_file(reader.toc.lookup("etc/hello.txt")) == \
                         FILES["etc/hello.txt"]
+
+
+def test_answer_cut_off_mid_body(registry, image, estargz):
+    """A registry dying in the middle of an answer: retried, then a clear error."""
+    blob, _ = estargz
+    with Proxy(registry.host, truncate=1, truncate_at=100) as proxy:
+        ref = image.replace(registry.host, proxy.host)
+        with make_client(proxy.host, retries=2, backoff=0.05, read_timeout=2) as c:
+            layer = c.resolve(ref).layers[0]
+            src = c.blob_source(ref, layer.digest, layer.size)
+            assert src.read_at(1000, 50_000) == blob[1000:51_000]
+            assert c.stats.retries == 1
+            proxy.truncate = 100
+            t = time.monotonic()
+            with pytest.raises(RegistryError, match="3 attempts"):
+                src.read_at(1000, 50_000)
+            assert time.monotonic() - t < 5
+
+
+def test_concurrent_reads(registry, image, estargz):
+    import random
+    import threading
+    blob, _ = estargz
+    errors = []
+    with make_client(registry.host, pool_size=4) as c:
+        layer = c.resolve(image).layers[0]
+        src = c.blob_source(image, layer.digest, layer.size)
+
+        def work(seed):
+            rnd = random.Random(seed)
+            try:
+                for _ in range(15):
+                    asks = [(o, rnd.randint(1, 5000)) for o in
+                            (rnd.randrange(0, len(blob) - 5000) for _ in range(3))]
+                    if src.read_ranges(asks) != [blob[o:o + n] for o, n in asks]:
+                        errors.append("wrong bytes")
+            except Exception as exc:       # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert errors == []
