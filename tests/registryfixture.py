@@ -10,6 +10,7 @@ Reusable by any test module::
 
 Variants: ``Registry(tmp, tls=True)`` (a generated CA; ``reg.ca_cert``,
 ``reg.certs_dir`` laid out as ``certs.d/HOST:PORT/ca.crt``),
+``Registry(tmp, tls=True, client_certs=True)`` (mutual TLS; client.cert/.key in certs.d),
 ``Registry(tmp, users={"alice": "pw"})`` (htpasswd basic auth),
 ``Registry(tmp, token=TokenServer(tmp, users=...))`` (RS256 JWT bearer tokens).
 ``Proxy(upstream_host, ...)`` stands in for misbehaving registries (latency,
@@ -234,7 +235,8 @@ class _TokenHandler(http.server.BaseHTTPRequestHandler):
 class Registry:
     """``docker-registry serve`` on 127.0.0.1 with temporary storage."""
 
-    def __init__(self, directory, tls=False, users=None, token=None, start=True):
+    def __init__(self, directory, tls=False, users=None, token=None, start=True,
+                 client_certs=False):
         require_registry()
         self.directory = os.path.join(directory, f"registry-{uuid.uuid4().hex[:8]}")
         os.makedirs(self.directory)
@@ -260,6 +262,11 @@ class Registry:
             os.makedirs(os.path.join(self.certs_dir, self.host))
             shutil.copy(ca[0], os.path.join(self.certs_dir, self.host, "ca.crt"))
             lines += ["  tls:", f"    certificate: {crt}", f"    key: {key}"]
+            if client_certs:        # mutual TLS: certs.d also gets client.cert/.key
+                ccrt, ckey = make_cert(self.directory, ca, "client", client=True)
+                shutil.copy(ccrt, os.path.join(self.certs_dir, self.host, "client.cert"))
+                shutil.copy(ckey, os.path.join(self.certs_dir, self.host, "client.key"))
+                lines += ["    clientcas:", f"      - {ca[0]}"]
         if self.users:
             htpasswd = os.path.join(self.directory, "htpasswd")
             for i, (user, password) in enumerate(self.users.items()):

@@ -15,6 +15,7 @@ import logging
 import os
 import platform as _platform
 import random
+import re
 import ssl
 import threading
 import time
@@ -877,7 +878,11 @@ def _tls_reason(exc):
                f"the registry insecure"
     if "WRONG_VERSION_NUMBER" in text:
         return "the server does not speak TLS (plain HTTP?); mark the registry insecure"
-    return _describe_exc(exc)
+    if "BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
+        return "the registry refused our client certificate or wants one; put " \
+               "client.cert and client.key in certs.d/HOST:PORT"
+    m = re.search(r"\[SSL: [A-Z0-9_]+\] [^(']+", text)
+    return m.group(0).strip() if m else _describe_exc(exc)
 
 
 def _combine(errors, what):

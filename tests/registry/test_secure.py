@@ -82,6 +82,21 @@ def test_client_certificate_loaded(tls_registry, tmp_path):
             c.resolve(f"{tls_registry.host}/app:1")
 
 
+def test_mutual_tls_client_certificate(tmp_path, estargz):
+    blob, _ = estargz
+    with Registry(str(tmp_path), tls=True, client_certs=True) as reg:
+        ref = f"{reg.host}/mtls:1"
+        with secure_client(certs_dir=reg.certs_dir) as c:
+            push_image(c, ref, [blob])
+            assert c.resolve(ref).layers[0].size == len(blob)
+        only_ca = tmp_path / "only-ca"
+        (only_ca / reg.host).mkdir(parents=True)
+        shutil.copy(reg.ca_cert, only_ca / reg.host / "ca.crt")
+        with secure_client(certs_dir=str(only_ca)) as c:
+            with pytest.raises(RegistryError, match="client certificate"):
+                c.resolve(ref)
+
+
 # -- htpasswd basic auth --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -253,3 +268,32 @@ def test_short_name_via_search_registries(registry, image, tmp_path):
     with RegistryClient(registries_conf=str(conf), auth_files=[], platform="linux/amd64") as c:
         img = c.resolve("app:1")
         assert img.reference == image
+
+
+def test_blob_reads_fall_back_to_next_mirror(tmp_path, estargz):
+    blob, _ = estargz
+    with Registry(str(tmp_path)) as a, Registry(str(tmp_path)) as b:
+        conf = RegistriesConf.from_text(f"""
+[[registry]]
+prefix = "primary.invalid"
+location = "127.0.0.1:1"
+insecure = true
+[[registry.mirror]]
+location = "{a.host}"
+insecure = true
+[[registry.mirror]]
+location = "{b.host}"
+insecure = true
+""")
+        with make_client(a.host, b.host) as pusher:
+            for reg in (a, b):
+                push_image(pusher, f"{reg.host}/app:1", [blob])
+        with RegistryClient(registries_conf=conf, auth_files=[], retries=0,
+                            connect_timeout=1, platform="linux/amd64") as c:
+            img = c.resolve("primary.invalid/app:1")
+            assert img.source == f"{a.host}/app:1"
+            src = c.blob_source(img, img.layers[0].digest, img.layers[0].size)
+            assert src.read_at(0, 8) == blob[:8]
+            a.kill()
+            assert src.read_at(8, 8) == blob[8:16]
+            assert src.reference.registry == b.host
