@@ -5,6 +5,7 @@ import logging
 from .errors import StargzError
 
 log = logging.getLogger("stargz_overlay.plugin")
+_resolved = {}     # (client, reference) -> Image: one manifest fetch for all its layers
 
 
 def make_client(config):
@@ -35,7 +36,9 @@ def open_layer(client, spec):
     toc = spec.toc
     size = spec.size
     if toc is None:
-        image = client.resolve(spec.ref)
+        image = _resolved.get((id(client), spec.ref))
+        if image is None:
+            image = _resolved[(id(client), spec.ref)] = client.resolve(spec.ref)
         layer = next((x for x in image.layers if x.digest == spec.digest), None)
         if layer is None:
             raise StargzError(f"{spec.ref} has no layer {spec.digest}")
