@@ -277,7 +277,8 @@ class Endpoint:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = client.user_agent
         self.session.headers["Accept-Encoding"] = "identity"
-        self.session.trust_env = False
+        self.session.trust_env = False      # no ~/.netrc; proxies are taken below
+        self.proxies = _proxies_for(host)
         pool = client.pool_size
         if insecure:
             self.session.verify = False
@@ -295,6 +296,14 @@ class Endpoint:
 
     def close(self):
         self.session.close()
+
+
+def _proxies_for(host):
+    """``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` as Podman honours them; never for loopback."""
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    if name in ("127.0.0.1", "localhost", "[::1]"):
+        return {}
+    return requests.utils.get_environ_proxies(f"https://{host}")
 
 
 class _Retry(Exception):
@@ -483,7 +492,8 @@ class RegistryClient:
                     warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
                     resp = ep.session.request(method, url, headers=hdrs, params=params,
                                               data=body, stream=True, timeout=timeout,
-                                              allow_redirects=allow_redirects)
+                                              allow_redirects=allow_redirects,
+                                              proxies=ep.proxies)
                 self.stats.add("requests")
             except requests.exceptions.SSLError as exc:
                 if ep.insecure and ep.scheme == "https" and "://" not in path:

@@ -322,3 +322,12 @@ def test_concurrent_reads(registry, image, estargz):
         for t in threads:
             t.join(30)
     assert errors == []
+
+
+def test_proxy_environment(monkeypatch):
+    from stargz_overlay.registry import _proxies_for
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.invalid")
+    assert _proxies_for("quay.io")["https"] == "http://proxy.invalid:3128"
+    assert _proxies_for("internal.invalid:5000") == {}
+    assert _proxies_for("127.0.0.1:5000") == {} and _proxies_for("localhost:5000") == {}
