@@ -198,7 +198,9 @@ print(json.dumps({"maxRssKiB": vmhwm()}))
 
 def py_json(code, *args):
     out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "plugin"), *args],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"measuring process failed:\n{out.stderr.strip()}")
     return json.loads(out.stdout)
 
 
@@ -346,6 +348,8 @@ def report(result):
                        o["seconds"] < TARGET_TOC_SECONDS))
         checks.append((f"{row['blob']} TOC open peak RSS < {TARGET_TOC_MB} MB",
                        o["maxRssMB"] < TARGET_TOC_MB))
+        checks.append((f"{row['blob']} TOC open peak Python heap < {TARGET_TOC_MB} MB",
+                       o["tracemallocPeakMB"] < TARGET_TOC_MB))
     result["checks"] = {name: ok for name, ok in checks}
     print("\ntargets:")
     for name, ok in checks:
