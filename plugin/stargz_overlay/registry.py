@@ -887,7 +887,8 @@ def _tls_reason(exc):
         return f"certificate verification failed: {detail}; add the CA to certs.d or mark " \
                f"the registry insecure"
     if "WRONG_VERSION_NUMBER" in text:
-        return "the server does not speak TLS (plain HTTP?); mark the registry insecure"
+        return "the server does not speak TLS (plain HTTP?); mark the registry insecure " \
+               "(insecure = true in registries.conf, or --tls-verify=false)"
     if "BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
         return "the registry refused our client certificate or wants one; put " \
                "client.cert and client.key in certs.d/HOST:PORT"
