@@ -13,7 +13,7 @@ import zlib
 
 from .errors import DigestMismatch, FormatError
 from .footer import LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE, parse_footer
-from .toc import TOC_NAME, parse_toc
+from .toc import TOC_NAME, build_toc, load_entries
 
 MAX_TOC_BYTES = 512 << 20     # decompressed TOC member; bounds a gzip bomb
 READ_BATCH = 8 << 20          # compressed bytes fetched per source read
@@ -52,8 +52,8 @@ def gunzip_prefix(data, length, what):
     return result
 
 
-def _toc_json_from_member(member, what="TOC"):
-    """Gunzip the TOC member and return the body of its ``stargz.index.json`` entry."""
+def _toc_body(member, what="TOC"):
+    """Gunzip the TOC member; return its ``stargz.index.json`` body as a memoryview."""
     dec = zlib.decompressobj(31)
     try:
         raw = dec.decompress(member, MAX_TOC_BYTES + 1)
@@ -64,15 +64,15 @@ def _toc_json_from_member(member, what="TOC"):
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             info = tar.next()
-            if info is None or info.name != TOC_NAME or not info.isreg():
-                raise FormatError(f"{what}: the member before the footer holds no "
-                                  f"{TOC_NAME} entry")
-            body = tar.extractfile(info).read()
     except (tarfile.TarError, EOFError) as exc:
         raise FormatError(f"{what}: not a tar entry ({exc})") from None
-    if len(body) != info.size:
-        raise FormatError(f"{what}: truncated ({len(body)} of {info.size} bytes)")
-    return body
+    if info is None or info.name != TOC_NAME or not info.isreg():
+        raise FormatError(f"{what}: the member before the footer holds no {TOC_NAME} entry")
+    end = info.offset_data + info.size
+    if end > len(raw):
+        raise FormatError(f"{what}: truncated ({len(raw) - info.offset_data} of {info.size} "
+                          f"bytes)")
+    return memoryview(raw)[info.offset_data:end]
 
 
 class VerifyReport:
@@ -108,11 +108,24 @@ class StargzReader:
             toc_member = data[:len(data) - footer.size]
         self.kind = footer.kind
         self.toc_offset = footer.toc_offset
-        self.toc_json = _toc_json_from_member(toc_member)
-        self.toc_digest = sha256_digest(self.toc_json)
+        self._toc_member = toc_member
+        body = _toc_body(toc_member)
+        self.toc_digest = sha256_digest(body)
         if toc_digest is not None and toc_digest != self.toc_digest:
             raise DigestMismatch(f"TOC digest is {self.toc_digest}, expected {toc_digest}")
-        self.toc = parse_toc(self.toc_json, self.toc_offset)
+        try:
+            text = str(body, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"TOC is not UTF-8 JSON: {exc}") from None
+        del body
+        entries = load_entries(text)
+        del text            # only one form of the TOC alive at a time: bounds memory
+        self.toc = build_toc(entries, self.toc_offset)
+
+    @property
+    def toc_json(self):
+        """The TOC JSON bytes exactly as stored (decompressed again on each use)."""
+        return bytes(_toc_body(self._toc_member))
 
     def prefetch_range(self):
         """Blob range holding the prioritized files, or None."""

@@ -10,6 +10,7 @@ inconsistent is a ``FormatError``; nothing is guessed.
 import base64
 import binascii
 import bisect
+import contextlib
 import gc
 import json
 import posixpath
@@ -232,6 +233,8 @@ def _load_json(toc_json):
 
 def _finish_chunks(entry, boundaries, data_end):
     """Fill chunk sizes and compressed ends; check they tile the file exactly."""
+    if not entry.chunks:
+        return
     entry.chunks.sort(key=lambda c: c.chunk_offset)
     pos = 0
     for i, chunk in enumerate(entry.chunks):
@@ -255,16 +258,33 @@ def _finish_chunks(entry, boundaries, data_end):
 
 
 def parse_toc(toc_json, data_end):
-    """Build a TOC from JSON bytes; ``data_end`` is the blob offset of the TOC member.
+    """Build a TOC from JSON text or bytes; ``data_end`` is the blob offset of the TOC member."""
+    return build_toc(load_entries(toc_json), data_end)
 
-    The cyclic garbage collector is paused meanwhile: the tree is made of
-    hundreds of thousands of new objects that hold no cycles, and repeated
-    collections of them would make loading a large TOC several times slower.
+
+def load_entries(toc_json):
+    """The raw entry list of TOC JSON (the caller may then drop the JSON text)."""
+    with _gc_paused():
+        return _load_json(toc_json)
+
+
+def build_toc(raw_entries, data_end):
+    """Build the tree from ``load_entries``'s list, which is consumed (emptied) meanwhile."""
+    with _gc_paused():
+        return _parse_toc(raw_entries, data_end)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector.
+
+    A TOC becomes hundreds of thousands of new objects that hold no cycles;
+    repeated collections over them would make loading several times slower.
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _parse_toc(_load_json(toc_json), data_end)
+        yield
     finally:
         if was_enabled:
             gc.enable()

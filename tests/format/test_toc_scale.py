@@ -90,8 +90,5 @@ def test_100k_entry_toc_opens_quickly(opened):
     assert opened["seconds"] < TIME_GUARD_S, opened
 
 
-@pytest.mark.xfail(strict=True, reason="issue 2 target missed: opening a 100k-entry TOC peaks "
-                   "at 200-225 MB RSS (the json.loads dicts and the Entry objects are alive "
-                   "together); remove this marker once it passes")
 def test_100k_entry_toc_peak_memory(opened):
     assert opened["hwm_kib"] / 1024 < TARGET_MB, opened
