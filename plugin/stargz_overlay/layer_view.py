@@ -122,6 +122,7 @@ class LayerView:
             self.listing[path] = visible
 
     def _reset_tree(self):
+        os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         for sub in PRIVATE_DIRS:
             old = os.path.join(self.workdir, sub)
             if os.path.lexists(old):

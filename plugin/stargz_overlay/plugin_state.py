@@ -48,8 +48,10 @@ class PluginState:
         self.config = config
         self.log_calls = config.log_calls
         self.load_pid = os.getpid()
-        log.info("stargz-overlay plugin %s loaded in pid %d (config: %s)", self.so_path,
-                 self.load_pid, config.path or "defaults")
+        import stargz_overlay
+        log.info("stargz-overlay plugin %s loaded in pid %d (package %s, config: %s)",
+                 self.so_path, self.load_pid, os.path.dirname(stargz_overlay.__file__),
+                 config.path or "defaults")
 
     def _setup_logging(self, config, layer_path):
         handler = None
