@@ -15,6 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .digests import hasher_digest, sha256_digest
 from .errors import DigestMismatch, FormatError, StargzError
 from .oci_layout import OCILayout, parse_layout_spec
 from .progress import Progress, human_bytes
@@ -94,9 +95,18 @@ class RegistryEndpoint:
     def has_blob(self, digest):
         return self.client.blob_exists(self.reference, digest)
 
-    def put_blob_file(self, path, digest, mount_from=None):
-        self.client.push_blob(self.reference, path, digest, mount_from=mount_from)
+    def put_blob_file(self, path, digest):
+        self.client.push_blob(self.reference, path, digest)
         os.unlink(path)
+
+    def mount_blob(self, digest, source):
+        """Cross-mount ``digest`` from ``source`` when both are on one registry."""
+        if not isinstance(source, RegistryEndpoint):
+            return False
+        mine, theirs = parse_reference(self.reference), parse_reference(source.reference)
+        if theirs.registry != mine.registry:
+            return False
+        return self.client.mount_blob(self.reference, digest, theirs.repository)
 
     def put_blob_bytes(self, data):
         return self.client.push_blob(self.reference, data)
@@ -105,15 +115,8 @@ class RegistryEndpoint:
         if tagged:
             return self.client.push_manifest(self.reference, body, media_type)
         name = parse_reference(self.reference).name
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        digest = sha256_digest(body)
         return self.client.push_manifest(f"{name}@{digest}", body, media_type)
-
-    def mount_source(self, other):
-        """Repository to cross-mount blobs from, when ``other`` is on our registry."""
-        if not isinstance(other, RegistryEndpoint):
-            return None
-        mine, theirs = parse_reference(self.reference), parse_reference(other.reference)
-        return theirs.repository if theirs.registry == mine.registry else None
 
 
 class LayoutEndpoint:
@@ -151,7 +154,7 @@ class LayoutEndpoint:
     def has_blob(self, digest):
         return self.layout.has_blob(digest)
 
-    def put_blob_file(self, path, digest, mount_from=None):
+    def put_blob_file(self, path, digest):
         self.layout.put_blob_file(path, digest)
 
     def put_blob_bytes(self, data):
@@ -164,8 +167,8 @@ class LayoutEndpoint:
                             self.tag)
         return digest
 
-    def mount_source(self, other):
-        return None
+    def mount_blob(self, digest, source):
+        return False
 
 
 def open_endpoint(spec, client=None, create=False):
@@ -212,17 +215,13 @@ class ImageConverter:
             raise
         finally:
             progress.close()
-        if "sha256:" + hasher.hexdigest() != digest:
+        if hasher_digest(hasher) != digest:
             os.unlink(tmp.name)
             raise DigestMismatch(f"{self.src}: layer {digest} does not match its digest")
         return tmp.name
 
     def _copy_blob(self, digest, size, label):
-        if self.dst.has_blob(digest):
-            return
-        mount = self.dst.mount_source(self.src)
-        if mount is not None:
-            self.dst.put_blob_file(self._fetch(digest, size, label), digest, mount_from=mount)
+        if self.dst.has_blob(digest) or self.dst.mount_blob(digest, self.src):
             return
         self.dst.put_blob_file(self._fetch(digest, size, label), digest)
 

@@ -1,11 +1,11 @@
 """OCI image layouts on disk (``oci:DIR[:TAG]``): read and write blobs and manifests."""
 
-import hashlib
 import json
 import os
 import re
 import tempfile
 
+from .digests import sha256_digest
 from .errors import DigestMismatch, StargzError
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -50,7 +50,7 @@ class OCILayout:
                 data = f.read()
         except OSError as exc:
             raise StargzError(f"{self.path}: cannot read blob {digest}: {exc.strerror}") from None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             raise DigestMismatch(f"{self.path}: blob {digest} does not match its digest")
         return data
 
@@ -66,7 +66,7 @@ class OCILayout:
             raise
 
     def put_blob_bytes(self, data):
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         if not self.has_blob(digest):
             self._write_atomic(self.blob_path(digest), data)
         return digest

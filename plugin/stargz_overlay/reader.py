@@ -11,16 +11,13 @@ import io
 import tarfile
 import zlib
 
+from .digests import hasher_digest, sha256_digest
 from .errors import DigestMismatch, FormatError
 from .footer import LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE, parse_footer
 from .toc import TOC_NAME, build_toc, load_entries
 
 MAX_TOC_BYTES = 512 << 20     # decompressed TOC member; bounds a gzip bomb
 READ_BATCH = 8 << 20          # compressed bytes fetched per source read
-
-
-def sha256_digest(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def gunzip_prefix(data, length, what):
@@ -166,7 +163,7 @@ class StargzReader:
                 whole.update(data)
                 yield data
             i = j
-        if entry.digest is not None and "sha256:" + whole.hexdigest() != entry.digest:
+        if entry.digest is not None and hasher_digest(whole) != entry.digest:
             raise DigestMismatch(f"{entry.name}: content does not match its digest "
                                  f"{entry.digest}")
 

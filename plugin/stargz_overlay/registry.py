@@ -28,6 +28,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from .digests import hasher_digest, sha256_digest
 from . import __version__
 from .auth import AuthFiles, HostAuth, scope_for
 from .errors import (AuthError, ConfigError, DigestMismatch, FormatError, InvalidReference,
@@ -194,10 +195,6 @@ class Stats:
         with self._lock:
             for name in self.FIELDS:
                 setattr(self, name, 0)
-
-
-def sha256_digest(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _check_content(data, digest, what):
@@ -799,6 +796,39 @@ class RegistryClient:
             return False
         raise self._status_error(resp, f"HEAD blob {digest}", ep)
 
+    def _start_upload(self, ref, ep, digest, mount_from, scopes, deadline, what):
+        """POST an upload, as a cross-repository mount when ``mount_from`` (a repository
+        on the same registry) is given; 201 = mounted, 202 = upload session (Location)."""
+        query = ""
+        if mount_from:
+            scopes = scopes + [scope_for(mount_from)]
+            query = "?" + urlencode({"mount": digest, "from": mount_from})
+        resp = self.call(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/{query}", what=what,
+                         deadline=deadline, scopes=scopes, headers={"Content-Length": "0"})
+        resp.close()
+        if resp.status_code == 201:
+            log.info("%s: mounted %s from %s", ep.host, digest, mount_from)
+        elif resp.status_code != 202 or not resp.headers.get("Location"):
+            raise self._status_error(resp, what, ep)
+        return resp
+
+    def mount_blob(self, reference, digest, mount_from):
+        """Make ``digest`` from repository ``mount_from`` (same registry) appear in
+        ``reference``'s repository without transferring it; True when it did."""
+        ref, ep = self._push_endpoint(reference)
+        if self.blob_exists(ref, digest):
+            return True
+        scopes = [scope_for(ref.repository, ("pull", "push"))]
+        deadline = Deadline(self.deadline)
+        what = f"mount of blob {digest} into {ref.repository}"
+        resp = self._start_upload(ref, ep, digest, mount_from, scopes, deadline, what)
+        if resp.status_code == 201:
+            return True
+        cancel = self.call(ep, "DELETE", urljoin(ep.url("/"), resp.headers["Location"]),
+                           what=f"cancel of {what}", deadline=deadline, scopes=scopes)
+        cancel.close()
+        return False
+
     def push_blob(self, reference, data, digest=None, mount_from=None):
         """Upload a blob (bytes or a file path) unless it exists; returns its digest.
 
@@ -817,7 +847,7 @@ class RegistryClient:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
-            actual = "sha256:" + h.hexdigest()
+            actual = hasher_digest(h)
             opener = lambda: open(path, "rb")   # noqa: E731
         if digest is not None and digest != actual:
             raise DigestMismatch(f"blob to push has digest {actual}, not {digest}")
@@ -828,20 +858,9 @@ class RegistryClient:
         scopes = [scope_for(ref.repository, ("pull", "push"))]
         deadline = Deadline(self.deadline)
         what = f"upload of blob {digest} to {ref.repository}"
-        query = ""
-        if mount_from:
-            mount_repo = parse_reference(mount_from).repository if "/" in mount_from and \
-                "." in mount_from.split("/")[0] else mount_from
-            scopes.append(scope_for(mount_repo))
-            query = "?" + urlencode({"mount": digest, "from": mount_repo})
-        resp = self.call(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/{query}", what=what,
-                         deadline=deadline, scopes=scopes, headers={"Content-Length": "0"})
-        resp.close()
+        resp = self._start_upload(ref, ep, digest, mount_from, scopes, deadline, what)
         if resp.status_code == 201:
-            log.info("%s: mounted %s from %s", ep.host, digest, mount_from)
             return digest
-        if resp.status_code != 202 or not resp.headers.get("Location"):
-            raise self._status_error(resp, what, ep)
         location = urljoin(ep.url("/"), resp.headers["Location"])
         sep = "&" if "?" in location else "?"
         put_url = f"{location}{sep}{urlencode({'digest': digest})}"

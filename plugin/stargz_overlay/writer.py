@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from .digests import hasher_digest, sha256_digest
 from .errors import FormatError
 from .footer import encode_footer
 from .toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME, clean_name
@@ -343,14 +344,14 @@ class _Converter:
                 if self.progress:
                     self.progress(self.done, self.total)
             if not self.legacy:
-                current["chunkDigest"] = "sha256:" + chunk.hexdigest()
+                current["chunkDigest"] = hasher_digest(chunk)
             if current is not entry:
                 self.toc.append(current)
             written += n
             current = {"name": entry["name"], "type": "chunk"}
         if size % tarfile.BLOCKSIZE:
             self.w.write(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
-        return "sha256:" + whole.hexdigest()
+        return hasher_digest(whole)
 
     def add_landmark(self, name):
         info = tarfile.TarInfo(name)
@@ -427,11 +428,11 @@ def convert(source, out, legacy=False, chunk_size=DEFAULT_CHUNK_SIZE, prioritize
                 conv.w.close()
     w = conv.w
     return ConvertResult(
-        toc_digest="sha256:" + hashlib.sha256(toc_json).hexdigest(),
-        diff_id="sha256:" + w.diff_id.hexdigest(),
+        toc_digest=sha256_digest(toc_json),
+        diff_id=hasher_digest(w.diff_id),
         uncompressed_size=w.uncompressed,
         compressed_size=w.position,
-        blob_digest="sha256:" + w.blob.hexdigest(),
+        blob_digest=hasher_digest(w.blob),
         entries=len(order),
         missed_prioritized=missed,
     )

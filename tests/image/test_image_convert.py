@@ -137,6 +137,13 @@ def test_registry_to_registry_and_plain_podman_pull(tmp_path):
             assert image.manifest_digest == report.digest
             for layer in image.layers:
                 assert client.classify_layer(image, layer).kind == "estargz"
+            # eStargz layers are kept, and cross-mounted within the registry, not copied
+            client.stats.reset()
+            copy = ImageConverter(dst, open_endpoint(f"docker://{reg.host}/other:v1", client))
+            assert [x.action for x in copy.run().layers] == ["kept (already eStargz)"] * 2
+            layer_bytes = sum(layer.size for layer in image.layers)
+            assert client.stats.bytes_sent < 10_000 < layer_bytes
+            assert client.stats.bytes_received < 10_000
         out = f"oci:{tmp_path / 'copy'}:v1"
         subprocess.run(["skopeo", "copy", "--src-tls-verify=false",
                         f"docker://{reg.host}/app-esgz:v1", out], check=True,

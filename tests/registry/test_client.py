@@ -1,7 +1,6 @@
 """The registry client against a real docker-registry (and misbehaving proxies)."""
 
 import hashlib
-import json
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from stargz_overlay.reader import StargzReader
 from stargz_overlay.registry import OCI_INDEX, OCI_MANIFEST
 
 from ..registryfixture import Proxy, Registry, push_image
-from .conftest import BIG, FILES, make_client
+from .conftest import FILES, make_client
 
 
 def test_push_resolve_roundtrip(registry, image, estargz):

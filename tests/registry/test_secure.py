@@ -10,7 +10,7 @@ import time
 import pytest
 
 from stargz_overlay.auth import AuthFiles
-from stargz_overlay.errors import AuthError, NotFoundError, RegistryError
+from stargz_overlay.errors import AuthError, RegistryError
 from stargz_overlay.registries_conf import RegistriesConf
 from stargz_overlay.registry import RegistryClient
 

@@ -11,7 +11,6 @@ from ..image_convert import ConvertOptions, ImageConverter, describe, is_image_s
 from ..progress import Progress
 from ..reader import StargzReader
 from ..registry import RegistryClient, open_layer_source
-from ..source import FileSource
 from ..writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
 
 _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
@@ -220,5 +219,3 @@ def register(subparsers):
     _add_blob_argument(p)
     p.add_argument("--raw", action="store_true", help="the exact stored bytes")
     p.set_defaults(func=cmd_toc)
-
-__all__ = ["register", "open_reader", "FormatError"]
