@@ -6,6 +6,11 @@ the same bytes.  A file is written to ``<root>/tmp``, checked against its
 digest and size, and only then renamed into place: a name in ``sha256/`` is
 always complete and verified.  Directories are 0700, files 0400.
 
+A file already in the cache is re-hashed the first time a process uses it
+(a crash can leave a renamed file whose data never reached the disk, and
+nothing else vouches for it), so publishing needs no fsync; ``fsync=True``
+adds an fdatasync before the rename anyway.
+
 Concurrent fetches of one digest happen once: threads of a process wait on a
 per-digest lock, processes on a POSIX byte-range lock of ``<root>/lock`` at
 an offset derived from the digest.
@@ -17,8 +22,9 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 
-from .errors import DigestMismatch, SourceError, StargzError
+from .errors import DigestMismatch, StargzError
 
 EMPTY_SHA256 = "sha256:" + hashlib.sha256(b"").hexdigest()
 
@@ -36,7 +42,7 @@ def _hex(digest):
 class ContentCache:
     """Verified file contents by digest under ``root``."""
 
-    def __init__(self, root, fsync=True):
+    def __init__(self, root, fsync=False):
         self.root = os.path.abspath(root)
         self.fsync = fsync
         try:
@@ -50,24 +56,40 @@ class ContentCache:
         self._guard = threading.Lock()
         self._locks = {}          # digest -> [threading.Lock, users]
         self.fetches = 0          # contents written by this process (statistics)
+        self._verified = set()    # digests checked (or written) by this process
+        self.clear_stale_tmp()
 
     def path(self, digest):
         hexd = _hex(digest)
         return os.path.join(self.root, "sha256", hexd[:2], hexd)
 
     def lookup(self, digest, size):
-        """Path of the cached content, or None (also when the cached size is wrong)."""
+        """Path of the cached content, or None (missing, or damaged and removed)."""
         path = self.path(digest)
+        if digest in self._verified:
+            return path
         try:
-            st = os.stat(path)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if st.st_size != size:
+        try:
+            hasher = hashlib.sha256()
+            total = 0
+            while True:
+                block = os.read(fd, 1 << 20)
+                if not block:
+                    break
+                total += len(block)
+                hasher.update(block)
+        finally:
+            os.close(fd)
+        if total != size or "sha256:" + hasher.hexdigest() != digest:
             try:
-                os.unlink(path)       # cannot be ours: never publish a wrong size
+                os.unlink(path)       # damaged (e.g. by a crash): fetch it again
             except OSError:
                 pass
             return None
+        self._verified.add(digest)
         return path
 
     def get(self, digest, size, produce):
@@ -159,6 +181,7 @@ class ContentCache:
             os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
             os.rename(tmp, final)
             tmp = None
+            self._verified.add(computed)
             self.fetches += 1
             return (computed, final) if publish_as_computed else final
         except OSError as exc:
@@ -172,14 +195,14 @@ class ContentCache:
                 except OSError:
                     pass
 
-    def clear_tmp(self):
-        """Remove leftovers of interrupted fetches (call when no fetch can be running)."""
+    def clear_stale_tmp(self, age=3600):
+        """Remove leftovers of interrupted fetches older than ``age`` seconds."""
         tmpdir = os.path.join(self.root, "tmp")
+        limit = time.time() - age
         for name in os.listdir(tmpdir):
+            path = os.path.join(tmpdir, name)
             try:
-                os.unlink(os.path.join(tmpdir, name))
+                if os.lstat(path).st_mtime < limit:
+                    os.unlink(path)
             except OSError:
                 pass
-
-
-__all__ = ["ContentCache", "CacheError", "EMPTY_SHA256", "SourceError", "DigestMismatch"]

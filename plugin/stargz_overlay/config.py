@@ -9,7 +9,8 @@ missing default file means all defaults.  Keys (all optional)::
     log_level = "info"          # debug, info, warning, error
     log_reads = false           # log every blob read (offset, length): tests, debugging
     log_calls = false           # log every plugin callback with its arguments (debug level)
-    fsync = true                # fdatasync cache files before publishing them
+    fsync = false               # fdatasync cache files before publishing them (cached
+                                # files are re-hashed on first use by each mount anyway)
 
     [registry]
     connect_timeout = 10.0      # seconds
@@ -55,7 +56,7 @@ class Config:
     log_level: str = "info"
     log_reads: bool = False
     log_calls: bool = False
-    fsync: bool = True
+    fsync: bool = False
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     path: str = ""            # the file this came from, "" for defaults
 

@@ -98,6 +98,8 @@ class LayerView:
         self.listing = {}   # directory name -> {child name: Entry}, visible children only
         self._computed = {}            # Entry.ino -> digest, for files the TOC gives none
         self._made = set()             # skeleton directories already materialised
+        self._placeholder = None       # the empty file that skeleton names link to
+        self._placeholders = 0
         self._skel_lock = threading.Lock()
         self._build()
         self._reset_tree()
@@ -219,12 +221,29 @@ class LayerView:
                 if child.type == "dir":
                     os.mkdir(child_path, 0o700)
                 else:
-                    os.close(os.open(child_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                     | os.O_CLOEXEC, 0o600))
+                    self._placeholder_link(child_path)
             except FileExistsError:
                 pass
         self._apply_metadata(target, self.paths[path])
         self._made.add(path)
+
+    def _placeholder_link(self, path):
+        """A name for a non-directory: a hard link to one empty file (no new inode)."""
+        while True:
+            if self._placeholder is None:
+                self._placeholder = os.path.join(self.workdir, "specials",
+                                                 f"placeholder.{self._placeholders}")
+                self._placeholders += 1
+                os.makedirs(os.path.dirname(self._placeholder), mode=0o700, exist_ok=True)
+                os.close(os.open(self._placeholder, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                                 0o600))
+            try:
+                os.link(self._placeholder, path)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                self._placeholder = None       # link count limit: start another one
 
     def _apply_metadata(self, target, entry):
         self._set_xattrs(target, entry)

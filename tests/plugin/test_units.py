@@ -105,6 +105,12 @@ def test_cache_verifies_publishes_atomically_and_fetches_once(tmp_path):
     assert open(path, "rb").read() == data
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
     assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o700
+    os.chmod(path, 0o600)                        # damaged behind our back (e.g. a crash)
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 10)
+    fresh = ContentCache(str(tmp_path / "c"))    # a new mount re-hashes before trusting
+    assert fresh.lookup(digest, len(data)) is None and not os.path.exists(path)
+    assert open(fresh.get(digest, len(data), lambda: [data]), "rb").read() == data
     computed, p2 = cache.put([b"abc"], 3)
     assert computed == "sha256:" + hashlib.sha256(b"abc").hexdigest() and os.path.exists(p2)
 
