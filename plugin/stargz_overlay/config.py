@@ -9,6 +9,8 @@ missing default file means all defaults.  Keys (all optional)::
     log_level = "info"          # debug, info, warning, error
     log_reads = false           # log every blob read (offset, length): tests, debugging
     log_calls = false           # log every plugin callback with its arguments (debug level)
+    prefetch = true             # fetch prioritized files (before .prefetch.landmark) in the
+                                # background once the daemon serves the mount
     fsync = false               # fdatasync cache files before publishing them (cached
                                 # files are re-hashed on first use by each mount anyway)
 
@@ -56,6 +58,7 @@ class Config:
     log_level: str = "info"
     log_reads: bool = False
     log_calls: bool = False
+    prefetch: bool = True
     fsync: bool = False
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     path: str = ""            # the file this came from, "" for defaults

@@ -330,15 +330,23 @@ class LayerView:
                 log.warning("%s: cannot set xattr %s on %s: %s", self.label, key,
                             entry.name, exc)
 
-    def file_path(self, entry, name):
+    def cached(self, entry):
+        """Is the content of ``entry`` already in the cache (verified)?"""
+        digest = entry.digest or self._computed.get(entry.ino)
+        return entry.size == 0 or (digest is not None
+                                   and self.cache.lookup(digest, entry.size) is not None)
+
+    def file_path(self, entry, name, reader=None):
         """Cache path of a regular file's verified content, fetched if needed."""
         if entry.size == 0:
             return self.cache.empty()
+        reader = reader or self.reader
         digest = entry.digest or self._computed.get(entry.ino)
         try:
             if digest is not None:
-                return self.cache.get(digest, entry.size, lambda: self._fetch(entry, name))
-            digest, path = self.cache.put(self._fetch(entry, name), entry.size)
+                return self.cache.get(digest, entry.size,
+                                      lambda: self._fetch(reader, entry, name))
+            digest, path = self.cache.put(self._fetch(reader, entry, name), entry.size)
             self._computed[entry.ino] = digest
             return path
         except StargzError as exc:
@@ -348,6 +356,6 @@ class LayerView:
             log.error("%s: cannot open %s: %s", self.label, name, exc)
             raise fs_error(errno.EIO, name) from None
 
-    def _fetch(self, entry, name):
+    def _fetch(self, reader, entry, name):
         log.debug("%s: fetching %s (%d bytes)", self.label, name, entry.size)
-        return self.reader.iter_file(entry)
+        return reader.iter_file(entry)

@@ -136,10 +136,19 @@ class PluginState:
         return self.views[slot]
 
     def touch(self):
-        """Called from the callbacks: notice the first call in the forked daemon."""
+        """Called from the callbacks: notice the first call in the forked daemon.
+
+        Workers (prefetch) start there, never in the pre-fork parent: a thread
+        started before fuse_daemonize() vanishes, or deadlocks the daemon if it
+        holds the GIL at the fork.  (In foreground mode, -f, there is no fork
+        to wait for, so there is no prefetch either.)
+        """
         if self.daemon_pid is None and os.getpid() != self.load_pid:
             self.daemon_pid = os.getpid()
             log.info("serving in daemon pid %d", self.daemon_pid)
+            if self.config.prefetch:
+                from . import prefetch
+                prefetch.start(list(self.views.values()))
 
     def unload_layer(self, slot):
         view = self.views.pop(slot, None)

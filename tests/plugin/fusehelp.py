@@ -208,7 +208,8 @@ def snapshot(root, mtimes=True, dir_mtimes=True, content=True):
             kind = stat.S_IFMT(st.st_mode)
             rec = {"type": kind, "mode": oct(stat.S_IMODE(st.st_mode)), "uid": st.st_uid,
                    "gid": st.st_gid}
-            if mtimes and (dir_mtimes or kind != stat.S_IFDIR):
+            if mtimes and (dir_mtimes or kind != stat.S_IFDIR) and rel != ".":
+                # (the root's times are the upper dir's own: when it was created)
                 rec["mtime"] = int(st.st_mtime)
             if kind != stat.S_IFDIR:
                 rec["size"] = st.st_size

@@ -225,3 +225,28 @@ def test_default_mode_daemon_is_single_threaded_and_detached(tmp_path, so, confi
     assert int(status.split("Threads:")[1].split()[0]) == 1      # we started no thread
     for fd in (0, 1, 2):
         assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+
+
+def test_prioritized_files_are_prefetched_in_the_daemon(tmp_path, so, config, mounts, log_of):
+    import time
+    wanted = ["d1/f2", "d0/f5", "big"]
+    layer = build_layer(str(tmp_path), "prio", lazy_tree(), chunk_size=128 << 10)
+    with open(layer.tar, "rb") as tar, open(layer.blob, "wb") as out:
+        from stargz_overlay.writer import convert
+        convert(tar, out, chunk_size=128 << 10, prioritized=wanted)
+    m = mount_one(mounts, tmp_path, so, config, layer.blob)
+    at_load = len(blob_reads(log_of()))
+    os.listdir(m.mnt)                              # first callback in the daemon
+    deadline = time.monotonic() + 20
+    while "prefetched" not in log_of() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "prefetched 3 prioritized files" in log_of()
+    prefetch_reads = blob_reads(log_of())[at_load:]
+    assert len(prefetch_reads) == 1                # the whole region in one read
+    for name in wanted:
+        with open(os.path.join(m.mnt, name), "rb") as f:
+            assert f.read() == (BIG if name == "big" else FILES[name])
+    assert len(blob_reads(log_of())) == at_load + 1   # opens are cache hits
+    with open(os.path.join(m.mnt, "d2/f0"), "rb") as f:
+        assert f.read() == FILES["d2/f0"]
+    assert len(blob_reads(log_of())) == at_load + 2
