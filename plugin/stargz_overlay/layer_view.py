@@ -19,6 +19,7 @@ while OCI whiteouts only apply to lower layers).
 """
 
 import errno
+import fcntl
 import logging
 import os
 import posixpath
@@ -102,6 +103,7 @@ class LayerView:
         self._placeholders = 0
         self._skel_lock = threading.Lock()
         self._build()
+        self._lock_fd = self._lock_workdir()
         self._reset_tree()
 
     # -- set-up --
@@ -123,8 +125,23 @@ class LayerView:
                     stack.append((child_path, child))
             self.listing[path] = visible
 
-    def _reset_tree(self):
+    def _lock_workdir(self):
+        """Hold an exclusive flock on the layer directory for the life of the layer.
+
+        The lock belongs to the open file, so it passes to the forked daemon.
+        """
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.workdir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StargzError(f"layer directory {self.workdir} is in use by another mount; "
+                              f"give each layer of each mount its own directory") from None
+        return fd
+
+    def _reset_tree(self):
         for sub in PRIVATE_DIRS:
             old = os.path.join(self.workdir, sub)
             if os.path.lexists(old):
@@ -136,6 +153,9 @@ class LayerView:
     def close(self):
         for sub in PRIVATE_DIRS:
             shutil.rmtree(os.path.join(self.workdir, sub), ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         close = getattr(self.reader.source, "close", None)
         if close is not None:
             close()

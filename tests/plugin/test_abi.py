@@ -100,7 +100,7 @@ def test_callbacks_reached_with_abi_arguments(tmp_path, so, config, mounts, log_
 
 
 @pytest.mark.parametrize("case", ["bad-data", "unknown-kind", "missing-blob", "not-stargz",
-                                  "wrong-toc", "bad-config", "no-path"])
+                                  "wrong-toc", "bad-config", "no-path", "busy-dir"])
 def test_load_failure_fails_the_mount_with_one_clear_message(tmp_path, so, config, mounts,
                                                              case):
     good = build_layer(str(tmp_path), "good", small_tree("g"))
@@ -115,6 +115,7 @@ def test_load_failure_fails_the_mount_with_one_clear_message(tmp_path, so, confi
         "wrong-toc": "TOC digest is",
         "bad-config": "unknown key",
         "no-path": "needs a directory after DATA",
+        "busy-dir": "in use by another mount",
     }[case]
     if case == "bad-data":
         lower = f"//stargz/not*base64/{work}"
@@ -132,8 +133,11 @@ def test_load_failure_fails_the_mount_with_one_clear_message(tmp_path, so, confi
         bad = write_config(tmp_path / "bad.toml", str(tmp_path / "c"), str(tmp_path / "l.log"),
                            cache_size="1G")
         lower = plugin_lower(blob_spec(good.blob, bad), work)
-    else:
+    elif case == "no-path":
         lower = f"//stargz/{encode(blob_spec(good.blob, config))}/"
+    else:                 # the same layer directory twice in one mount
+        lower = plugin_lower(blob_spec(good.blob, config), work)
+        lower = f"{lower}:{lower}"
     m = mounts(tmp_path / "mnt", [lower], so=so)
     result = m.mount(check=False)
     assert result.returncode != 0
