@@ -154,3 +154,20 @@ def test_registry_spec_round_trip_has_no_forbidden_characters():
     assert not set(data) & set("/:,=")
     from stargz_overlay.layer_spec import decode
     assert decode(data) == spec
+
+
+def test_without_fast_ino_fstat_gives_the_statat_identity(tmp_path, so, config, mounts, log_of):
+    a = build_layer(str(tmp_path), "a", small_tree("a"))
+    m = mounts(tmp_path / "mnt", [plugin_lower(blob_spec(a.blob, config), tmp_path / "la")],
+               tmp_path / "up", tmp_path / "wk", so=so, fast_ino=False)
+    m.mount()
+    inos = toc_inodes(a.blob)
+    for name in ("dir", "dir/file", "only-a", "link"):
+        assert os.lstat(f"{m.mnt}/{name}").st_ino == INO_BASE + inos[name]
+    assert open(f"{m.mnt}/dir/file", "rb").read() == b"content of a\n"
+    calls = re.findall(r"call (\w+)\((.*)\) -> (.*)", log_of())
+    fstats = [c for c in calls if c[0] == "fstat"]
+    assert fstats and all(c[2] == "0" for c in fstats)
+    # the inode probe: openat(O_RDONLY|O_NONBLOCK|O_NOFOLLOW) fails with ELOOP on the symlink
+    assert any(c[0] == "openat" and c[1].startswith("ptr, b'link'") and c[2] == "ELOOP"
+               for c in calls)
