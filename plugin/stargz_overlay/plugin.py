@@ -14,7 +14,6 @@ is started before the fork.
 import errno
 import logging
 import os
-import sys
 
 from _stargz_plugin import ffi, lib
 

@@ -5,8 +5,6 @@ import subprocess
 
 from stargz_overlay.writer import convert
 
-from ..format.tarbuild import TarBuilder
-
 
 class BuiltLayer:
     def __init__(self, tar, blob, plain, result):

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from .fusehelp import Mount, _daemon_pids
 from .layers import build_layer

@@ -8,7 +8,6 @@ byte for byte and stat for stat, before and after the same writes, and after a r
 import errno
 import os
 import shutil
-import stat
 import subprocess
 
 import pytest

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .fusehelp import REPO, FUSE_OVERLAYFS, Mount, blob_spec, plugin_lower, write_config
+from .fusehelp import REPO, Mount, blob_spec, plugin_lower, write_config
 from .layers import build_layer
 from ..format.tarbuild import TarBuilder
 

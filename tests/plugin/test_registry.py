@@ -18,7 +18,6 @@ from stargz_overlay.registries_conf import RegistriesConf
 from stargz_overlay.registry import RegistryClient, TOC_DIGEST_ANNOTATION
 from stargz_overlay.source import FileSource
 
-from .conftest import blob_reads
 from .fusehelp import Mount, _daemon_pids, plugin_lower, write_config
 from .layers import build_layer
 from ..format.tarbuild import TarBuilder
