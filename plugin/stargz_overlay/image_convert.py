@@ -42,6 +42,7 @@ class ConvertOptions:
     legacy: bool = False
     prioritized: list = None
     reconvert: bool = False       # convert layers that are already eStargz again
+    prioritized_by_layer: dict = None   # source layer digest -> paths, after `prioritized`
 
 
 @dataclass
@@ -233,8 +234,10 @@ class ImageConverter:
         opts = self.options
         try:
             with out:
+                prioritized = list(opts.prioritized or ()) + list(
+                    (opts.prioritized_by_layer or {}).get(desc["digest"], ()))
                 result = convert(original, out, legacy=opts.legacy, chunk_size=opts.chunk_size,
-                                 prioritized=opts.prioritized,
+                                 prioritized=prioritized or None,
                                  compression_level=opts.compression_level, progress=progress)
         except BaseException:
             os.unlink(out.name)

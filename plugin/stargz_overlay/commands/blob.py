@@ -12,6 +12,7 @@ from ..progress import Progress
 from ..reader import StargzReader
 from ..registry import RegistryClient, open_layer_source
 from ..writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
+from .analyze import add_workload_options, analyze_for_convert
 
 _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
               "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
@@ -42,6 +43,8 @@ def convert_image(args, prioritized):
                              compression_level=args.compression_level,
                              prioritized=prioritized, reconvert=args.reconvert)
     client = RegistryClient()
+    if args.analyze:
+        options.prioritized_by_layer = analyze_for_convert(args.input, args, client)
     src = open_endpoint(args.input, client)
     dst = open_endpoint(args.output, client, create=True)
     report = ImageConverter(src, dst, options).run()
@@ -57,6 +60,8 @@ def cmd_convert(args):
     prioritized = _read_list(args.prioritized_files) if args.prioritized_files else None
     if is_image_spec(args.input) or is_image_spec(args.output):
         return convert_image(args, prioritized)
+    if args.analyze:
+        raise StargzError("--analyze needs an image to convert (docker://REF or oci:DIR[:TAG])")
     try:
         source = open(args.input, "rb")
     except OSError as exc:
@@ -197,6 +202,10 @@ def register(subparsers):
                    help="file with one path per line to place before .prefetch.landmark")
     p.add_argument("--reconvert", action="store_true",
                    help="images: convert layers that are already eStargz again")
+    p.add_argument("--analyze", action="store_true",
+                   help="images: infer the files the entrypoint reads at startup (see the "
+                        "analyze command) and put them first in each layer")
+    add_workload_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_convert)
 
