@@ -24,8 +24,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from .analyze_python import PYTHON_NAME, PythonStartup
 from .elf import is_elf, parse_elf
-from .errors import StargzError
+from .errors import DigestMismatch, FormatError, StargzError
 from .image_fs import LayerOpener, image_config, image_manifests
 from .registry import TOC_DIGEST_ANNOTATION
 
@@ -33,7 +34,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_EXEC_DEPTH = 8            # nested #! interpreters, env, sh -c, exec "$@"
 MAX_ELF_OBJECTS = 2000
 MAX_SCRIPT_BYTES = 1 << 20
-SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh", "mksh", "busybox"}
+SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh", "mksh"}
 SHELL_BUILTINS = {"cd", "set", "export", "echo", "true", "false", ":", "source", ".", "test",
                   "[", "trap", "umask", "ulimit", "unset", "wait", "printf", "shift", "read",
                   "local", "readonly", "if", "then", "fi", "else", "for", "do", "done", "while"}
@@ -166,7 +167,12 @@ class Analyzer:
         self.result.notes.append(text)
 
     def read(self, node, offset=0, length=None):
-        return self.fs.read(node, offset, length)
+        """File bytes; a file that cannot be read intact is a problem and reads as empty."""
+        try:
+            return self.fs.read(node, offset, length)
+        except (FormatError, DigestMismatch) as exc:
+            self.problem(f"{node.path}: cannot be read: {exc}")
+            return b""
 
     def lookup(self, path):
         try:
@@ -240,13 +246,13 @@ class Analyzer:
             return
         loader = Loader(self, node, info)
         loader.start()
-        names = {posixpath.basename(argv[0]), posixpath.basename(node.path)}
-        from .analyze_python import PYTHON_NAME, PythonStartup
-        if any(PYTHON_NAME.match(n) for n in names):
+        kind = _program_kind(posixpath.basename(argv[0])) or \
+            _program_kind(posixpath.basename(node.path))
+        if kind == "python":
             PythonStartup(self, loader, node, path, argv).run()
-        elif names & SHELLS:
+        elif kind == "shell":
             self.shell(node, argv, depth)
-        elif "env" in names:
+        elif kind == "env":
             self.env_command(node, argv[1:], depth)
 
     def exec_script(self, node, path, argv, head, depth):
@@ -264,8 +270,9 @@ class Analyzer:
         self.exec([interp] + ([arg] if arg else []) + [path] + list(argv[1:]),
                   f"#! interpreter of {node.path}", depth + 1)
         base = posixpath.basename(interp)
-        if (base in SHELLS or (base == "env" and arg.split()[-1:] and
-                               arg.split()[-1] in SHELLS)) and len(argv) > 1:
+        if (_program_kind(base) == "shell" or (base == "env" and arg.split()[-1:] and
+                                                _program_kind(arg.split()[-1]) == "shell")) \
+                and len(argv) > 1:
             self._exec_args(node, argv[1:], depth)
 
     def _exec_args(self, script, args, depth):
@@ -340,6 +347,17 @@ class Analyzer:
                 break
         if i < len(args):
             self.exec(args[i:], f"run by {node.path}", depth + 1)
+
+
+def _program_kind(name):
+    """What a program name says it is (busybox applets go by argv[0])."""
+    if PYTHON_NAME.match(name):
+        return "python"
+    if name == "env":
+        return "env"
+    if name in SHELLS:
+        return "shell"
+    return None
 
 
 class Loader:

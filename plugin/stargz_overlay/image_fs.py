@@ -625,7 +625,7 @@ class ImageFS:
 
     def listdir(self, path):
         """Sorted names in the merged directory ``path`` (whiteouts applied)."""
-        node = self.resolve(path)
+        node = self.lookup(path)
         if node is None or node.type != "dir":
             return []
         vis = self._vis_of(node.path)
