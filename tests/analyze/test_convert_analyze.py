@@ -104,3 +104,25 @@ def test_convert_analyze_through_a_real_registry(image, tmp_path, capsys, monkey
         assert cli.main(["convert", ref, out_spec, "--analyze"]) == 0
         _, err = capsys.readouterr()
         assert "2 layer(s) are already eStargz and kept as they are; add --reconvert" in err
+
+
+def test_a_corrupt_chunk_is_a_problem_not_wrong_bytes(image, converted, tmp_path):
+    """Corrupt /app/mylib.py's compressed chunk: that file is reported, the rest of the
+    analysis goes on."""
+    import shutil
+    src_dir, tag = parse_layout_spec(converted)
+    copy = tmp_path / "corrupt"
+    shutil.copytree(src_dir, copy)
+    desc, blob = layout_layers(f"oci:{copy}:{tag}")[1]
+    entry = StargzReader(FileSource(blob)).toc.lookup("app/mylib.py")
+    chunk = entry.chunks[0]
+    data = bytearray(open(blob, "rb").read())
+    for pos in range(chunk.offset + 12, chunk.offset + 28):  # deflate data of its content
+        data[pos] ^= 0x55
+    with open(blob, "wb") as f:
+        f.write(data)
+    result = analyze(f"oci:{copy}:{tag}")
+    bad = [p for p in result.problems if p.startswith("/app/mylib.py: cannot be read")]
+    assert len(bad) == 1, result.problems
+    paths = [f.path for f in result.files]
+    assert PYTHON in paths and "/app/mylib.py" in paths and "/app/helper.py" not in paths
