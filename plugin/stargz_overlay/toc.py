@@ -31,6 +31,17 @@ _NO_XATTRS = MappingProxyType({})
 FILE_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
+MAX_XATTR_NAME_BYTES = 255
+MAX_ID = (1 << 32) - 1          # uid, gid, device numbers: what struct stat can hold
+MAX_OFFSET = (1 << 63) - 1      # sizes and offsets: off_t
+# Bounds on the JSON itself, counted before it is parsed (a cheap upper bound:
+# braces, brackets and commas inside strings count too).  A real TOC has one
+# object per entry (two with xattrs), one array and about 13 commas per entry;
+# these allow a million entries and keep a hostile TOC (millions of tiny
+# objects, arrays or numbers) from costing more memory than such a layer.
+MAX_TOC_ENTRIES = 1_000_000
+MAX_JSON_CONTAINERS = 2 * MAX_TOC_ENTRIES
+MAX_JSON_VALUES = 16 * MAX_TOC_ENTRIES
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -132,10 +143,12 @@ class TOC:
         return [e for e in self.entries if e.type == "reg" and e.size > 0]
 
 
-def _int(raw, key, name):
+def _int(raw, key, name, limit=MAX_OFFSET):
     value = raw.get(key, 0)
     if type(value) is not int or value < 0:
         raise FormatError(f"TOC entry {name!r}: {key} must be a non-negative integer")
+    if value > limit:
+        raise FormatError(f"TOC entry {name!r}: {key} {value} is larger than {limit}")
     return value
 
 
@@ -163,36 +176,62 @@ def _mtime(text, name):
     return value
 
 
+def _utf8(text, what):
+    """``text`` as UTF-8; lone surrogates (``\\udcff`` in the JSON) name no byte string."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{what} {text!r} is not valid UTF-8") from None
+
+
 def _check_name(name):
     if "\0" in name:
         raise FormatError(f"TOC entry name {name!r} contains a NUL byte")
-    encoded = name.encode("utf-8", "surrogatepass")
+    encoded = _utf8(name, "TOC entry name")
     if len(encoded) > MAX_PATH_BYTES:
         raise FormatError(f"TOC entry name is longer than {MAX_PATH_BYTES} bytes")
     for part in name.split("/"):
-        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
             raise FormatError(f"TOC entry {name!r}: a component is longer than 255 bytes")
+
+
+def _check_link(target, name):
+    if "\0" in target:
+        raise FormatError(f"TOC entry {name!r}: link target {target!r} contains a NUL byte")
+    if len(_utf8(target, f"TOC entry {name!r}: link target")) > MAX_PATH_BYTES:
+        raise FormatError(f"TOC entry {name!r}: link target is longer than {MAX_PATH_BYTES} "
+                          f"bytes")
+
+
+def _check_xattr_name(key, name):
+    if not isinstance(key, str) or not key or "\0" in key \
+            or len(_utf8(key, f"TOC entry {name!r}: xattr")) > MAX_XATTR_NAME_BYTES:
+        raise FormatError(f"TOC entry {name!r}: xattr name {key!r} is empty, contains a NUL "
+                          f"byte or is longer than {MAX_XATTR_NAME_BYTES} bytes")
 
 
 def _make_entry(raw, name, kind):
     entry = Entry(name, kind, _int(raw, "mode", name) & 0o7777,
-                  _int(raw, "uid", name), _int(raw, "gid", name))
+                  _int(raw, "uid", name, MAX_ID), _int(raw, "gid", name, MAX_ID))
     entry.user_name = _str(raw, "userName", name)
     entry.group_name = _str(raw, "groupName", name)
     entry.mtime = _mtime(_str(raw, "modtime", name), name)
     entry.link_name = _str(raw, "linkName", name)
+    if kind == "symlink":
+        _check_link(entry.link_name, name)
     if kind == "reg":
         entry.size = _int(raw, "size", name)
         entry.digest = _digest(raw, "digest", name)
     elif kind in ("char", "block"):
-        entry.dev_major = _int(raw, "devMajor", name)
-        entry.dev_minor = _int(raw, "devMinor", name)
+        entry.dev_major = _int(raw, "devMajor", name, MAX_ID)
+        entry.dev_minor = _int(raw, "devMinor", name, MAX_ID)
     xattrs = raw.get("xattrs")
     if xattrs:
         if not isinstance(xattrs, dict):
             raise FormatError(f"TOC entry {name!r}: xattrs must be an object")
         entry.xattrs = {}
         for key, value in xattrs.items():
+            _check_xattr_name(key, name)
             try:
                 entry.xattrs[key] = base64.b64decode(value, validate=True)
             except (binascii.Error, TypeError, ValueError):
@@ -219,15 +258,34 @@ def _chunk(raw, name):
                  _int(raw, "chunkSize", name), digest, _int(raw, "innerOffset", name))
 
 
+def _check_json_size(toc_json):
+    """Refuse JSON that would cost more memory than a TOC of MAX_TOC_ENTRIES entries."""
+    if isinstance(toc_json, str):
+        braces, brackets, commas = "{", "[", ","
+    else:
+        braces, brackets, commas = b"{", b"[", b","
+    containers = toc_json.count(braces) + toc_json.count(brackets)
+    values = toc_json.count(commas)
+    if containers > MAX_JSON_CONTAINERS or values > MAX_JSON_VALUES:
+        raise FormatError(f"TOC is too large: {containers} JSON objects/arrays and {values} "
+                          f"values; at most {MAX_TOC_ENTRIES} entries are supported")
+
+
 def _load_json(toc_json):
+    _check_json_size(toc_json)
     try:
         doc = json.loads(toc_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"TOC is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError("TOC JSON is nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
         raise FormatError("TOC JSON has no \"entries\" list")
     if doc.get("version") != 1:
         raise FormatError(f"unsupported TOC version {doc.get('version')!r} (expected 1)")
+    if len(doc["entries"]) > MAX_TOC_ENTRIES:
+        raise FormatError(f"TOC has {len(doc['entries'])} entries; at most {MAX_TOC_ENTRIES} "
+                          f"are supported")
     return doc["entries"]
 
 
