@@ -23,6 +23,7 @@ import posixpath
 import re
 import struct
 
+from .elf import parse_elf
 from .errors import StargzError
 
 PYTHON_NAME = re.compile(r"python(\d+(\.\d+)?)?\Z")
@@ -35,6 +36,24 @@ FROZEN_311 = frozenset({
     "zipimport", "importlib._bootstrap", "importlib._bootstrap_external", "__hello__",
     "__phello__", "__phello__.spam", "__phello__.ham", "__phello__.ham.eggs",
 })
+CORE_BUILTINS = frozenset({"sys", "builtins", "marshal", "_warnings", "_imp", "_io", "_thread",
+                           "_weakref", "posix", "_frozen_importlib",
+                           "_frozen_importlib_external"})
+# used when the interpreter exports no PyInit_ symbols to read them from
+USUAL_BUILTINS = CORE_BUILTINS | {
+    "_abc", "_codecs", "_collections", "_functools", "_operator", "_signal", "_sre", "_stat",
+    "errno", "itertools", "time", "_locale", "pwd", "atexit", "gc", "_tracemalloc",
+    "faulthandler", "_symtable", "_string", "_tokenize"}
+# Python modules that C modules of the standard library import when they load
+C_MODULE_IMPORTS = {
+    "_decimal": ("collections", "collections.abc", "numbers"),
+    "_pickle": ("copyreg", "_compat_pickle", "functools"),
+    "_elementtree": ("copy", "xml.etree.ElementPath"),
+    "_sqlite3": ("collections", "functools"),
+    "_zoneinfo": ("datetime", "zoneinfo._common", "zoneinfo._tzpath"),
+    "array": ("collections.abc",),
+}
+KNOWN_STRINGS = {("sys", "platform"): "linux", ("os", "name"): "posix"}
 BEFORE_SITE = ("encodings", "encodings.aliases", "encodings.utf_8", "codecs", "io", "abc")
 SITE = ("site", "os", "stat", "posixpath", "genericpath", "_collections_abc", "_sitebuiltins")
 
@@ -141,6 +160,7 @@ class PythonStartup:
         self.ext_suffixes = [f".{self.tag}-{triplet}.so", ".abi3.so", ".so"]
         frozen_off = "frozen_modules=off" in opts.xoptions
         self.frozen = FROZEN_311 if self.version >= (3, 11) and not frozen_off else frozenset()
+        self.builtins = self._builtin_modules()
         self._paths(env)
         if not self.prefix:
             an.problem(f"{self.exe.path}: no Python {self.xy} standard library "
@@ -176,6 +196,26 @@ class PythonStartup:
             if found:
                 return max(found)
         return None
+
+    def _builtin_modules(self):
+        """Modules compiled into the interpreter: its (or libpython's) PyInit_ symbols."""
+        names = set()
+        nodes = [self.exe] + [self.an.lookup(path) for name, path in self.loader.loaded.items()
+                              if path and name.startswith("libpython")]
+        for node in nodes:
+            if node is None or node.type != "reg":
+                continue
+            try:
+                info = parse_elf(lambda off, n, node=node: self.an.read(node, off, n),
+                                 node.size, node.path, symbol_prefix="PyInit_")
+            except StargzError:
+                continue
+            names.update(sym[len("PyInit_"):] for sym in info.symbols)
+        if not names:
+            self.an.note(f"{self.exe.path} exports no PyInit_ symbols; assuming the usual "
+                         f"built-in modules")
+            return USUAL_BUILTINS
+        return frozenset(names) | CORE_BUILTINS
 
     @staticmethod
     def _ancestors(path):
@@ -412,7 +452,7 @@ class PythonStartup:
         except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
             self.an.problem(f"cannot parse the Python {label}: {exc}")
             return
-        self._follow(collect_imports(tree, main), None, label, 0)
+        self._follow(collect_imports(tree, main, self.version), None, label, 0)
 
     # -- modules ---------------------------------------------------------------
     def _names(self, directory):
@@ -456,6 +496,11 @@ class PythonStartup:
                 self.an.problem(f"{self.exe.path}: more than {MAX_MODULES} modules or "
                                 f"{MAX_IMPORT_DEPTH} nested imports; stopped following imports")
             return None
+        if fullname in self.builtins:
+            spec = self.modules[fullname] = Spec(fullname, "builtin", None, None)
+            for name in C_MODULE_IMPORTS.get(fullname, ()):
+                self.import_module(name, f"imported by the built-in module {fullname}", depth + 1)
+            return spec
         self.modules[fullname] = None
         parent = fullname.rpartition(".")[0]
         if parent:
@@ -466,6 +511,8 @@ class PythonStartup:
         else:
             search = self.sys_path
         spec = self.find_spec(fullname, search)
+        if spec is None and fullname in self.frozen:
+            spec = Spec(fullname, "frozen", None, None)        # no source in the image
         if spec is None:
             self.missing.append(fullname)
             return None
@@ -479,6 +526,9 @@ class PythonStartup:
             return
         if spec.kind == "extension":
             self.loader.load_library(node, f"extension module {spec.name}")
+            for name in C_MODULE_IMPORTS.get(spec.name, ()):
+                self.import_module(name, f"imported by the extension module {spec.name}",
+                                   depth + 1)
         elif spec.kind == "source":
             package = spec.name if spec.search is not None else spec.name.rpartition(".")[0]
             self._run_source(node, package, spec.path, depth=depth)
@@ -489,7 +539,7 @@ class PythonStartup:
         frozen = spec.name in self.frozen
         if frozen:
             self.frozen_seen.append(spec.name)
-        if spec.kind == "namespace":
+        if spec.kind in ("namespace", "builtin", "frozen"):
             return None
         node = an.lookup(spec.path)
         if node is None or frozen:
@@ -542,7 +592,7 @@ class PythonStartup:
         except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
             self.an.problem(f"cannot parse {node.path} ({exc}); its imports are not followed")
             return
-        self._follow(collect_imports(tree, main), package, label, depth)
+        self._follow(collect_imports(tree, main, self.version), package, label, depth)
 
     def _follow(self, items, package, label, depth):
         """Import what ``collect_imports`` found; True if every import was found."""
@@ -602,12 +652,14 @@ def _kind(suffix):
     return "extension"
 
 
-def collect_imports(tree, main):
+def collect_imports(tree, main, version=None):
     """Imports run when a module's top level executes, as a nested item list.
 
     Items: ``("import", level, module, names)`` and ``("try", body, handlers,
     orelse, finalbody)``.  Function bodies are skipped; ``if TYPE_CHECKING``
-    bodies too; ``if __name__ == "__main__"`` bodies only for the main module.
+    bodies too; ``if __name__ == "__main__"`` bodies only for the main module;
+    tests on ``sys.platform``, ``os.name`` and ``sys.version_info`` (for
+    ``version``, ``(major, minor)``) take only the branch they would take on Linux.
     ``__import__("x")`` and ``importlib.import_module("x")`` with a constant count.
     """
     def visit(stmts):
@@ -622,12 +674,13 @@ def collect_imports(tree, main):
                     out.extend(_calls(decorator))
             elif isinstance(st, ast.If):
                 out.extend(_calls(st.test))
-                if _is_type_checking(st.test):
-                    out.extend(visit(st.orelse))
-                elif _is_main_check(st.test):
+                if _is_main_check(st.test):
                     out.extend(visit(st.body if main else st.orelse))
-                else:
+                    continue
+                value = evaluate(st.test, version)
+                if value is not False:
                     out.extend(visit(st.body))
+                if value is not True:
                     out.extend(visit(st.orelse))
             elif isinstance(st, ast.Try) or type(st).__name__ == "TryStar":
                 out.append(("try", visit(st.body),
@@ -687,9 +740,85 @@ def _calls_of(st):
     return out
 
 
-def _is_type_checking(test):
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+def evaluate(test, version):
+    """True/False for conditions known on Linux (platform, os.name, version, TYPE_CHECKING),
+    None when the analysis cannot tell."""
+    if isinstance(test, ast.BoolOp):
+        values = [evaluate(v, version) for v in test.values]
+        decisive = isinstance(test.op, ast.And) is False
+        if decisive in values:
+            return decisive
+        return None if None in values else not decisive
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        value = evaluate(test.operand, version)
+        return None if value is None else not value
+    if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+            (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+        return False
+    if isinstance(test, ast.Call) and isinstance(test.func, ast.Attribute) and \
+            test.func.attr in ("startswith", "endswith") and len(test.args) == 1:
+        subject = _known_string(test.func.value)
+        arg = _constant(test.args[0])
+        if subject is not None and isinstance(arg, (str, tuple)):
+            return getattr(subject, test.func.attr)(arg)
+        return None
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        op = test.ops[0]
+        left, right = test.left, test.comparators[0]
+        subject = _known_string(left)
+        if subject is not None:
+            other = _constant(right)
+            if isinstance(other, (str, tuple, list, set, frozenset)):
+                return _compare(op, subject, other)
+            return None
+        if version is not None and _is_version_info(left):
+            other = _constant(right)
+            if isinstance(other, tuple) and other and all(isinstance(x, int) for x in other):
+                return _compare_version(op, version, other)
+    return None
+
+
+def _known_string(node):
+    """The value of ``sys.platform`` or ``os.name`` (also as ``_sys``/``_os``) on Linux."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return KNOWN_STRINGS.get((node.value.id.lstrip("_"), node.attr))
+    return None
+
+
+def _is_version_info(node):
+    return isinstance(node, ast.Attribute) and node.attr == "version_info" and \
+        isinstance(node.value, ast.Name) and node.value.id.lstrip("_") == "sys"
+
+
+def _constant(node):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def _compare(op, a, b):
+    table = {ast.Eq: lambda: a == b, ast.NotEq: lambda: a != b,
+             ast.In: lambda: a in b, ast.NotIn: lambda: a not in b}
+    fn = table.get(type(op))
+    try:
+        return fn() if fn else None
+    except TypeError:
+        return None
+
+
+def _compare_version(op, version, other):
+    """sys.version_info (major, minor, unknown micro...) against a constant tuple."""
+    head = tuple(other[:2])
+    if version[:len(head)] != head:
+        a, b = version[:len(head)], head
+    elif len(other) <= 2:
+        a, b = (0, 1), (0, 0)       # the real version_info is longer: it compares greater
+    else:
+        return None
+    table = {ast.Lt: a < b, ast.LtE: a <= b, ast.Gt: a > b, ast.GtE: a >= b,
+             ast.Eq: a == b, ast.NotEq: a != b}
+    return table.get(type(op))
 
 
 def _is_main_check(test):

@@ -8,6 +8,7 @@ offset and count is checked against the file size before it is used, so a
 truncated or hostile file raises ``FormatError`` naming what is wrong.
 """
 
+import re
 import struct
 
 from .errors import FormatError
@@ -46,6 +47,7 @@ class ElfInfo:
         self.rpath = []               # DT_RPATH entries
         self.runpath = []             # DT_RUNPATH entries
         self.soname = None
+        self.symbols = []             # dynamic strings with the asked prefix
 
     @property
     def triplet(self):
@@ -66,8 +68,12 @@ def is_elf(head):
     return head[:4] == ELF_MAGIC
 
 
-def parse_elf(read, size, name):
-    """Parse the ELF file ``name`` of ``size`` bytes read through ``read(offset, length)``."""
+def parse_elf(read, size, name, symbol_prefix=None):
+    """Parse the ELF file ``name`` of ``size`` bytes read through ``read(offset, length)``.
+
+    With ``symbol_prefix``, ``info.symbols`` lists the dynamic strings starting
+    with it (e.g. ``PyInit_`` for the modules built into a Python interpreter).
+    """
     def bad(why):
         return FormatError(f"{name}: not a valid ELF file: {why}")
 
@@ -147,9 +153,11 @@ def parse_elf(read, size, name):
             strsz = value
         elif tag in (DT_NEEDED, DT_RPATH, DT_RUNPATH, DT_SONAME):
             tags.append((tag, value))
-    if not tags:
+    if not tags and symbol_prefix is None:
         return info
     if strtab is None:
+        if not tags:
+            return info
         raise bad("PT_DYNAMIC names libraries but has no DT_STRTAB")
     offset = _file_offset(loads, strtab)
     if offset is None:
@@ -158,6 +166,9 @@ def parse_elf(read, size, name):
         raise bad(f"DT_STRTAB at offset {offset} lies outside the file ({size} bytes)")
     length = min(size - offset, MAX_STRTAB if strsz is None else min(strsz, MAX_STRTAB))
     strings = chunk(offset, length, "dynamic string table")
+    if symbol_prefix is not None:
+        pattern = rb"(?<=\0)" + re.escape(symbol_prefix.encode()) + rb"[A-Za-z0-9_]+(?=\0)"
+        info.symbols = sorted({m.decode("ascii") for m in re.findall(pattern, strings)})
     for tag, value in tags:
         if value >= len(strings):
             raise bad(f"dynamic string offset {value} is past the string table "

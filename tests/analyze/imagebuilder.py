@@ -12,6 +12,7 @@ ELF files placed first in the library search path, a ``.pth`` file and an
 ``$ORIGIN`` RUNPATH.
 """
 
+import ast
 import gzip
 import hashlib
 import io
@@ -155,13 +156,13 @@ def module_files(tree, module):
 
 def truth_modules(code, flags=("-S",)):
     """What the host's python3.11 imports for ``-c code``: name -> (origin, cached)."""
-    probe = ("import sys, json\n" + code + "\n"
-             "print(json.dumps({n: [getattr(m.__spec__, 'origin', None),"
+    probe = ("import sys\n" + code + "\n"            # sys is built in: imports nothing
+             "print(repr({n: [getattr(m.__spec__, 'origin', None),"
              " getattr(m.__spec__, 'cached', None)] for n, m in list(sys.modules.items())"
              " if getattr(m, '__spec__', None) is not None}))")
     out = subprocess.run([PYTHON, *flags, "-c", probe], capture_output=True, text=True,
                          check=True, env={"PATH": "/usr/bin:/bin"}).stdout
-    return json.loads(out.splitlines()[-1])
+    return ast.literal_eval(out.splitlines()[-1])
 
 
 def hostile_elfs():
