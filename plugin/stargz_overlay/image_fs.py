@@ -7,7 +7,9 @@ the image root (``..`` stops at ``/``, at most 40 links per lookup) and each
 result says which layer provides it.
 
 eStargz and stargz layers are read lazily through their TOC: only the chunks
-of files actually read are fetched, each verified against its chunk digest.
+of files actually read are fetched (each request reading up to 64 KiB ahead,
+as neighbouring files tend to be read next), each verified against its chunk
+digest.
 Other gzip or tar layers are downloaded once, checked against the layer
 digest, decompressed to a temporary tar and indexed.
 """
@@ -36,6 +38,8 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_SYMLINKS = 40
 CHUNK_CACHE_BYTES = 64 << 20
+READ_AHEAD = 64 << 10          # eStargz: files next to the one read tend to be read next
+WINDOW_BYTES = 16 << 20        # compressed read-ahead windows kept per layer
 _BLOCK = 4 << 20               # decompressed bytes per step: bounds a gzip bomb
 _MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")
@@ -95,6 +99,7 @@ class TocLayer:
         self.reader = reader
         self.source = source          # _Counting
         self._cache = cache
+        self._windows = []            # [(blob offset, compressed bytes)], newest last
 
     @property
     def fetched(self):
@@ -129,7 +134,7 @@ class TocLayer:
             while j < len(missing) and missing[j].offset == missing[j - 1].end:
                 j += 1
             start = missing[i].offset
-            raw = self.source.read_at(start, missing[j - 1].end - start)
+            raw = self._raw(start, missing[j - 1].end)
             for c in missing[i:j]:
                 data = gunzip_prefix(raw[c.offset - start:c.end - start],
                                      c.inner_offset + c.size,
@@ -145,8 +150,22 @@ class TocLayer:
         first = wanted[0].chunk_offset
         return b"".join(parts)[offset - first:end - first]
 
+    def _raw(self, start, stop):
+        """Compressed bytes [start, stop); a read fetches READ_AHEAD more for later files."""
+        for wstart, data in reversed(self._windows):
+            if wstart <= start and stop <= wstart + len(data):
+                return data[start - wstart:stop - wstart]
+        limit = min(self.source.size, self.reader.toc_offset)
+        ahead = min(limit, start + READ_AHEAD)
+        data = self.source.read_at(start, max(stop, ahead) - start)
+        self._windows.append((start, data))
+        total = sum(len(d) for _, d in self._windows)
+        while total > WINDOW_BYTES and len(self._windows) > 1:
+            total -= len(self._windows.pop(0)[1])
+        return data[:stop - start]
+
     def close(self):
-        pass
+        self._windows = []
 
 
 class _TarEntry:
