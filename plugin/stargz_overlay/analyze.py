@@ -269,11 +269,6 @@ class Analyzer:
             return
         self.exec([interp] + ([arg] if arg else []) + [path] + list(argv[1:]),
                   f"#! interpreter of {node.path}", depth + 1)
-        base = posixpath.basename(interp)
-        if (_program_kind(base) == "shell" or (base == "env" and arg.split()[-1:] and
-                                                _program_kind(arg.split()[-1]) == "shell")) \
-                and len(argv) > 1:
-            self._exec_args(node, argv[1:], depth)
 
     def _exec_args(self, script, args, depth):
         """A shell script ending in ``exec "$@"`` runs its arguments."""
