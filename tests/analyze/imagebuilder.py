@@ -273,7 +273,7 @@ def build_layers(workdir):
 
 CONFIG = {"Entrypoint": ["python3"], "Cmd": ["-c", "import json, mylib"],
           "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                  "HOME=/root"],
+                  "HOME=/home/app"],
           "WorkingDir": "/app"}
 
 
