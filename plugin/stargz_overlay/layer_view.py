@@ -61,6 +61,60 @@ def normalize(path):
     return path
 
 
+def remove_tree(path):
+    """``rm -rf path``, ignoring errors, for trees of any depth.
+
+    shutil.rmtree recurses (a skeleton thousands of directories deep raised
+    RecursionError, which ``ignore_errors`` does not cover, and left a layer
+    directory that no later mount could reset).  Here every subdirectory is
+    first moved up next to ``path`` and handled from there, so no level is
+    deeper than one and no path grows long.
+    """
+    parent, base = os.path.split(os.path.abspath(path))
+    try:
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    todo = [base]
+    moved = 0
+    try:
+        while todo:
+            name = todo.pop()
+            try:
+                fd = os.open(name, flags, dir_fd=pfd)
+            except FileNotFoundError:
+                continue
+            except OSError:                     # not a directory (or a symlink to one)
+                _ignore(os.unlink, name, dir_fd=pfd)
+                continue
+            try:
+                _ignore(os.fchmod, fd, 0o700)   # the layer's mode may forbid writing
+                with os.scandir(fd) as it:
+                    children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                for child, is_dir in children:
+                    if is_dir:
+                        flat = f"{base}.rm.{os.getpid()}.{moved}"
+                        moved += 1
+                        if _ignore(os.rename, child, flat, src_dir_fd=fd, dst_dir_fd=pfd):
+                            todo.append(flat)
+                    else:
+                        _ignore(os.unlink, child, dir_fd=fd)
+            finally:
+                os.close(fd)
+            _ignore(os.rmdir, name, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def _ignore(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+        return True
+    except OSError:
+        return False
+
+
 class CountingSource:
     """Pass-through blob source that logs every read (``log_reads``) and counts them."""
 
@@ -147,12 +201,12 @@ class LayerView:
             if os.path.lexists(old):
                 trash = f"{old}.old.{os.getpid()}"
                 os.rename(old, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                remove_tree(trash)
         os.mkdir(self.tree, 0o700)
 
     def close(self):
         for sub in PRIVATE_DIRS:
-            shutil.rmtree(os.path.join(self.workdir, sub), ignore_errors=True)
+            remove_tree(os.path.join(self.workdir, sub))
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -226,10 +280,18 @@ class LayerView:
         return os.path.join(self.tree, path) if path else self.tree
 
     def _make_dir(self, path):
-        if path in self._made:
-            return
-        if path:
-            self._make_dir(posixpath.dirname(path))
+        """Materialise ``path`` and any missing parents, top-down (no recursion: a
+        layer may nest thousands of directories)."""
+        chain = []
+        while path not in self._made:
+            chain.append(path)
+            if not path:
+                break
+            path = posixpath.dirname(path)
+        for path in reversed(chain):
+            self._populate(path)
+
+    def _populate(self, path):
         target = os.path.join(self.tree, path) if path else self.tree
         try:
             os.mkdir(target, 0o700)
