@@ -8,7 +8,10 @@ padding, of a compact JSON object (alphabet ``A-Z a-z 0-9 - _`` only)::
     {"kind": "registry", "ref": "127.0.0.1:5000/app:1", "digest": "sha256:...",
      "toc": "sha256:...", "size": 1234}
 
-- ``kind``: ``blob`` (a local file) or ``registry`` (a layer blob of an image).
+- ``kind``: ``blob`` (a local file) or ``registry`` (a layer blob of an image);
+  ``store`` (the Additional Layer Store namespace) and ``store-layer`` (a registry
+  layer mounted for Podman/CRI-O) are served by ``store_view`` (``path`` = the
+  store's absolute state directory).
 - ``path`` (blob): absolute path of the blob file.
 - ``ref`` (registry): image reference naming the repository (tag or digest).
 - ``digest`` (registry, required; blob, optional): the layer blob's digest.
@@ -28,7 +31,7 @@ import re
 from .errors import StargzError
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-KINDS = ("blob", "registry")
+KINDS = ("blob", "registry", "store", "store-layer")
 _FIELDS = {"kind", "path", "ref", "digest", "toc", "size", "config"}
 
 
@@ -54,10 +57,15 @@ class LayerSpec:
 
     def check(self):
         if self.kind not in KINDS:
-            raise LayerSpecError(f"unknown layer kind {self.kind!r} (expected blob or registry)")
+            raise LayerSpecError(f"unknown layer kind {self.kind!r} (expected one of "
+                                 f"{', '.join(KINDS)})")
         if self.kind == "blob" and not (isinstance(self.path, str) and self.path.startswith("/")):
             raise LayerSpecError("a blob layer needs an absolute \"path\"")
-        if self.kind == "registry":
+        if self.kind in ("store", "store-layer") and not (isinstance(self.path, str)
+                                                          and self.path.startswith("/")):
+            raise LayerSpecError(f"a {self.kind} layer needs the store's absolute state "
+                                 f"directory as \"path\"")
+        if self.kind in ("registry", "store-layer"):
             if not isinstance(self.ref, str) or not self.ref:
                 raise LayerSpecError("a registry layer needs a \"ref\"")
             if self.digest is None:
@@ -79,6 +87,8 @@ class LayerSpec:
         """A short human-readable name for messages."""
         if self.kind == "blob":
             return f"blob {self.path}"
+        if self.kind == "store":
+            return f"layer store {self.path}"
         return f"{self.ref} layer {self.digest}"
 
     def __eq__(self, other):

@@ -87,6 +87,9 @@ class PluginState:
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         slot = self.next_slot
         label = f"layer{slot}({spec.describe()})"
+        if spec.kind in ("store", "store-layer"):   # Podman/CRI-O integration: store_view.py
+            from .store_view import load_layer
+            return load_layer(self, spec, workdir, label)
         try:
             reader = self._open_reader(spec, label)
         except StargzError as exc:
