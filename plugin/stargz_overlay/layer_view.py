@@ -27,6 +27,7 @@ import shutil
 import stat
 import threading
 
+from .cache import CacheError
 from .errors import StargzError
 from .toc import OPAQUE_MARKER, WHITEOUT_PREFIX
 
@@ -156,6 +157,7 @@ class LayerView:
         self._placeholder = None       # the empty file that skeleton names link to
         self._placeholders = 0
         self._skel_lock = threading.Lock()
+        self.fetch = None              # LayerFetch (prefetch waits, metrics, pins), if any
         self._build()
         self._lock_fd = self._lock_workdir()
         self._reset_tree()
@@ -361,7 +363,10 @@ class LayerView:
             raise fs_error(errno.ENOTDIR)
         if entry.type != "reg":
             return os.open(self._special(entry), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        cached = self.file_path(entry, name)
+        if self.fetch is not None:
+            cached = self.fetch.open_file(entry, name)
+        else:
+            cached = self.file_path(entry, name)
         if entry.xattrs:
             cached = self._with_xattrs(entry, cached)
         return os.open(cached, os.O_RDONLY | os.O_CLOEXEC | (flags & os.O_NONBLOCK))
@@ -419,24 +424,35 @@ class LayerView:
                                    and self.cache.lookup(digest, entry.size) is not None)
 
     def file_path(self, entry, name, reader=None):
-        """Cache path of a regular file's verified content, fetched if needed."""
+        """Cache path of a regular file's verified content, fetched if needed.
+
+        Fails with ENOSPC when the cache has no room for it, EIO otherwise.
+        """
         if entry.size == 0:
             return self.cache.empty()
         reader = reader or self.reader
         digest = entry.digest or self._computed.get(entry.ino)
         try:
             if digest is not None:
-                return self.cache.get(digest, entry.size,
+                path = self.cache.get(digest, entry.size,
                                       lambda: self._fetch(reader, entry, name))
-            digest, path = self.cache.put(self._fetch(reader, entry, name), entry.size)
-            self._computed[entry.ino] = digest
-            return path
+                computed = False
+            else:
+                digest, path = self.cache.put(self._fetch(reader, entry, name), entry.size)
+                self._computed[entry.ino] = digest
+                computed = True
+        except CacheError as exc:
+            log.error("%s: cannot open %s: %s", self.label, name, exc)
+            raise fs_error(exc.errno, name) from None
         except StargzError as exc:
             log.error("%s: cannot open %s: %s", self.label, name, exc)
             raise fs_error(errno.EIO, name) from None
         except OSError as exc:
             log.error("%s: cannot open %s: %s", self.label, name, exc)
             raise fs_error(errno.EIO, name) from None
+        if self.fetch is not None:
+            self.fetch.stored(entry, digest, computed)
+        return path
 
     def _fetch(self, reader, entry, name):
         log.debug("%s: fetching %s (%d bytes)", self.label, name, entry.size)

@@ -13,8 +13,10 @@ import sys
 from .cache import ContentCache
 from .config import load_config
 from .errors import StargzError
+from .fetch_control import fetch_kind
+from .layer_fetch import FetchContext, LayerFetch
 from .layer_spec import decode
-from .layer_view import CountingSource, LayerView
+from .layer_view import LayerView
 
 log = logging.getLogger("stargz_overlay.plugin")
 LOG_FORMAT = "%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s"
@@ -32,6 +34,7 @@ class PluginState:
         self.log_path = None
         self._registry = None
         self.log_calls = False
+        self.fetch = None        # FetchContext: metrics, limits, prefetch/background workers
 
     # -- set-up (pre-fork) --
 
@@ -44,7 +47,9 @@ class PluginState:
             return
         config = load_config(config_path)
         self._setup_logging(config, layer_path)
-        self.cache = ContentCache(config.cache_dir, fsync=config.fsync)
+        self.cache = ContentCache(config.cache_dir, fsync=config.fsync,
+                                  max_size=config.directory_cache.max_size)
+        self.fetch = FetchContext(config, self.cache)
         self.config = config
         self.log_calls = config.log_calls
         self.load_pid = os.getpid()
@@ -89,12 +94,22 @@ class PluginState:
         label = f"layer{slot}({spec.describe()})"
         if spec.kind in ("store", "store-layer"):   # Podman/CRI-O integration: store_view.py
             from .store_view import load_layer
-            return load_layer(self, spec, workdir, label)
+            slot_id, fd = load_layer(self, spec, workdir, label)
+            view = self.views[slot_id]
+            if spec.kind == "store-layer" and isinstance(view, LayerView):
+                LayerFetch(view, self.fetch, spec.digest)   # prefetch, background, metrics
+            return slot_id, fd
+        layer_id = spec.digest or f"file:{spec.path}"
         try:
-            reader = self._open_reader(spec, label)
+            reader = self._open_reader(spec, label, layer_id)
         except StargzError as exc:
             raise StargzError(f"cannot load {spec.describe()}: {exc}") from None
         view = LayerView(reader, workdir, self.cache, slot, label)
+        try:
+            LayerFetch(view, self.fetch, layer_id)
+        except StargzError:
+            view.close()
+            raise
         fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.next_slot += 1
         self.views[slot + 1] = view
@@ -102,16 +117,18 @@ class PluginState:
                  len(reader.toc.entries), reader.toc_digest, workdir)
         return slot + 1, fd
 
-    def _open_reader(self, spec, label):
+    def _open_reader(self, spec, label, layer_id=None):
         from .reader import StargzReader
+        layer_id = layer_id or spec.digest or f"file:{spec.path}"
         if spec.kind == "blob":
             from .source import FileSource
             source = FileSource(spec.path)
             toc = spec.toc
         else:
             source, toc = self._registry_source(spec)
-        counted = CountingSource(source, label, self.config.log_reads)
-        return StargzReader(counted, toc_digest=toc)
+        metered = self.fetch.metered(source, layer_id, label, ref=spec.ref or spec.path or "")
+        with fetch_kind("metadata"):
+            return StargzReader(metered, toc_digest=toc)
 
     def _registry_source(self, spec):
         from . import registry_layers
@@ -141,28 +158,31 @@ class PluginState:
     def touch(self):
         """Called from the callbacks: notice the first call in the forked daemon.
 
-        Workers (prefetch) start there, never in the pre-fork parent: a thread
-        started before fuse_daemonize() vanishes, or deadlocks the daemon if it
-        holds the GIL at the fork.  (In foreground mode, -f, there is no fork
-        to wait for, so there is no prefetch either.)
+        Workers (metrics writer, prefetch, background fetch) start there, never
+        in the pre-fork parent: a thread started before fuse_daemonize()
+        vanishes, or deadlocks the daemon if it holds the GIL at the fork.  (In
+        foreground mode, -f, there is no fork to wait for, so there are no
+        workers either.)
         """
         if self.daemon_pid is None and os.getpid() != self.load_pid:
             self.daemon_pid = os.getpid()
             log.info("serving in daemon pid %d", self.daemon_pid)
-            if self.config.prefetch:
-                from . import prefetch
-                prefetch.start(list(self.views.values()))
+            self.fetch.start()
 
     def unload_layer(self, slot):
         view = self.views.pop(slot, None)
         if view is not None:
             log.info("%s: released (%d blob reads, %d bytes)", view.label,
                      view.reader.source.reads, view.reader.source.bytes)
+            if view.fetch is not None:
+                view.fetch.close()
             view.close()
 
     def release(self):
         log.info("plugin released; %d files fetched into the cache", self.cache.fetches
                  if self.cache else 0)
+        if self.fetch is not None:
+            self.fetch.close()
         for handler in logging.getLogger().handlers:
             handler.flush()
 

@@ -24,7 +24,7 @@ def make_client(config):
         kwargs["certs_dir"] = reg.certs_dir
     return RegistryClient(registries_conf=conf, connect_timeout=reg.connect_timeout,
                           read_timeout=reg.read_timeout, retries=reg.retries,
-                          deadline=reg.deadline, **kwargs)
+                          deadline=reg.deadline, backoff=reg.backoff, **kwargs)
 
 
 def open_layer(client, spec):

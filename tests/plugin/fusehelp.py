@@ -69,14 +69,25 @@ def _toml(value):
     return "[" + ", ".join(_toml(v) for v in value) + "]"
 
 
-def write_config(path, cache_dir, log_file, registry=None, **extra):
-    """A plugin config.toml for tests (debug log with every blob read)."""
+def write_config(path, cache_dir, log_file, registry=None, tables=None, **extra):
+    """A plugin config.toml for tests (debug log with every blob read).
+
+    Background fetch is off unless asked for (``no_background_fetch=False``):
+    tests that count blob reads must not see it; metrics go next to the cache.
+    ``tables``: {"blob": {...}, ...} for more TOML tables.
+    """
     keys = {"cache_dir": cache_dir, "log_file": log_file, "log_level": "debug",
-            "log_reads": True, "log_calls": True, "fsync": False, **extra}
+            "log_reads": True, "log_calls": True, "fsync": False,
+            "no_background_fetch": True,
+            "metrics_dir": os.path.join(os.path.dirname(os.path.abspath(cache_dir)), "metrics"),
+            **extra}
     lines = [f"{k} = {_toml(v)}" for k, v in keys.items()]
     if registry:
         lines.append("[registry]")
         lines += [f"{k} = {_toml(v)}" for k, v in registry.items()]
+    for table, values in (tables or {}).items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return os.path.abspath(path)
