@@ -52,6 +52,7 @@ log = logging.getLogger("stargz_overlay.cache")
 EMPTY_SHA256 = "sha256:" + hashlib.sha256(b"").hexdigest()
 TOUCH_INTERVAL = 600      # seconds between access-time bumps of one file by one process
 GRACE = 60                # content used this recently is never evicted
+CONFIGURED = object()     # collect(): use the cache's own size limit
 FREE_MARGIN = 1 << 20     # bytes kept free beyond a file being stored
 
 
@@ -148,7 +149,7 @@ class Pin:
 class ContentCache:
     """Verified file contents by digest under ``root``."""
 
-    def __init__(self, root, fsync=False, max_size=0):
+    def __init__(self, root, fsync=False, max_size=0, clean=True):
         self.root = os.path.abspath(root)
         self.fsync = fsync
         self.max_size = max_size      # bytes; 0 = no limit (a full disk still evicts)
@@ -174,7 +175,8 @@ class ContentCache:
         self.last_report = None
         self._used_base = None    # (content bytes at the last scan, bytes_written then)
         self._warned_over = False
-        self.clear_stale_tmp()
+        if clean:
+            self.clear_stale_tmp()
 
     def path(self, digest):
         hexd = _hex(digest)
@@ -297,15 +299,17 @@ class ContentCache:
             total += size
         return files, total
 
-    def collect(self, max_size=None, need_free=0, dry_run=False, wait=True):
+    def collect(self, max_size=CONFIGURED, need_free=0, dry_run=False, wait=True):
         """Evict unused content, least recently used first; return a GcReport.
 
-        Evicts until the content takes at most ``max_size`` bytes (default: the
-        cache's limit; 0 = no limit) and, with ``need_free``, until the
-        filesystem has that many bytes available.  Returns None if another
-        collection is running and ``wait`` is False.
+        Evicts until the content takes at most ``max_size`` bytes (0 = evict
+        everything unused; None = no size target; default: the cache's limit,
+        where 0 means none) and, with ``need_free``, until the filesystem has
+        that many bytes available.  Returns None if another collection is
+        running and ``wait`` is False.
         """
-        max_size = self.max_size if max_size is None else max_size
+        if max_size is CONFIGURED:
+            max_size = self.max_size or None
         report = GcReport()
         if not self._gc_guard.acquire(blocking=wait):
             return None
@@ -347,7 +351,7 @@ class ContentCache:
         total = report.bytes
 
         def satisfied():
-            if max_size and total > max_size:
+            if max_size is not None and total > max_size:
                 return False
             return not need_free or _available(self.root) >= need_free
 
@@ -363,7 +367,7 @@ class ContentCache:
                 total -= size
                 report.evicted_files += 1
                 report.evicted_bytes += size
-        report.over_limit = bool(max_size and total > max_size)
+        report.over_limit = max_size is not None and total > max_size
         if not dry_run:
             self.evicted_bytes += report.evicted_bytes
 
@@ -513,7 +517,7 @@ class ContentCache:
                                 _human(self.max_size))
         need = size + FREE_MARGIN
         if _available(self.root) < need:
-            self.collect(0, need_free=need)
+            self.collect(None, need_free=need)
             if _available(self.root) < need:
                 self.full_errors += 1
                 raise CacheFull(f"cache {self.root} is full: no room for {_human(size)} "

@@ -13,18 +13,16 @@ def _config(args):
 def cmd_gc(args):
     from ..cache import ContentCache, _human
     config = _config(args)
-    max_size = config.directory_cache.max_size
+    target = config.directory_cache.max_size or None       # 0 in the config: no limit
     if args.max_size is not None:
-        try:
-            max_size = parse_size(args.max_size, "--max-size")
-        except StargzError as exc:
-            raise StargzError(str(exc)) from None
-    cache = ContentCache(config.cache_dir, max_size=max_size)
-    report = cache.collect(max_size, dry_run=args.dry_run)
+        target = parse_size(args.max_size, "--max-size")   # 0 here: evict all unused
+    cache = ContentCache(config.cache_dir, max_size=config.directory_cache.max_size,
+                         clean=False)
+    report = cache.collect(target, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:
-        limit = _human(max_size) if max_size else "no limit"
+        limit = f"limit {_human(target)}" if target is not None else "no size limit"
         print(f"{cache.root} ({limit}){' [dry run]' if args.dry_run else ''}: "
               f"{report.summary()}")
     return 0
@@ -37,7 +35,7 @@ def cmd_metrics(args):
     snaps = read_snapshots(config.metrics_dir, clean=True)
     cache_info = None
     try:
-        files, used = ContentCache(config.cache_dir).usage()
+        files, used = ContentCache(config.cache_dir, clean=False).usage()
         cache_info = {"root": config.cache_dir, "files": files, "bytes": used,
                       "max_size": config.directory_cache.max_size}
     except StargzError:
