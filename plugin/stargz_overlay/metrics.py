@@ -328,6 +328,48 @@ def status_lines(snapshots):
     return lines
 
 
+def figures_by_layer(snapshots):
+    """Per layer digest, the fetch figures of every live daemon serving it, merged.
+
+    ``{digest: {"fetched": {kind: bytes}, "requests": {kind: n}, "local_bytes",
+    "file_bytes", "local_ratio", "blob_size", "bytes_saved", "prefetch",
+    "background", "mounts"}}`` (fetched/requests summed over the daemons).
+    """
+    out = {}
+    for row in layer_rows(snapshots):
+        fig = out.get(row["id"])
+        if fig is None:
+            fig = out[row["id"]] = {"fetched": dict.fromkeys(KINDS, 0),
+                                    "requests": dict.fromkeys(KINDS, 0), "local_bytes": 0,
+                                    "file_bytes": row["file_bytes"],
+                                    "blob_size": row["blob_size"], "prefetch": [],
+                                    "background": [], "mounts": 0}
+        for kind in KINDS:
+            fig["fetched"][kind] += row["fetched"].get(kind, 0)
+            fig["requests"][kind] += row["requests"].get(kind, 0)
+        fig["local_bytes"] = max(fig["local_bytes"], row["local_bytes"])
+        fig["prefetch"].append(row["prefetch"])
+        fig["background"].append(row["background"])
+        fig["mounts"] += 1
+    for fig in out.values():
+        fig["local_ratio"] = fig["local_bytes"] / fig["file_bytes"] if fig["file_bytes"] else 1.0
+        fig["bytes_saved"] = max(fig["blob_size"] - sum(fig["fetched"].values()), 0)
+        fig["prefetch"] = ",".join(sorted(set(fig["prefetch"])))
+        fig["background"] = ",".join(sorted(set(fig["background"])))
+    return out
+
+
+def figures_line(fig):
+    """One line of text for a layer's merged figures (``status``)."""
+    f = fig["fetched"]
+    return (f"fetched {_mib(sum(f.values()))} MiB: on demand {_mib(f['on_demand'])}, prefetch "
+            f"{_mib(f['prefetch'])} ({fig['prefetch']}), background {_mib(f['background'])} "
+            f"({fig['background']}), metadata {_mib(f['metadata'])}; "
+            f"{fig['local_ratio'] * 100:.1f}% local; saved {_mib(fig['bytes_saved'])} MiB of "
+            f"a {_mib(fig['blob_size'])} MiB full pull ({fig['mounts']} live mount"
+            f"{'s' if fig['mounts'] != 1 else ''})")
+
+
 def _mib(n):
     return f"{n / (1 << 20):.1f}"
 

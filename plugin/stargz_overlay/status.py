@@ -214,8 +214,16 @@ def layer_counters(state, digest):
     return out
 
 
-def collect(state_dir, cache_root=None):
-    """Everything ``status`` shows, as one JSON-able dict."""
+def collect(state_dir, cache_root=None, metrics_dir=None):
+    """Everything ``status`` shows, as one JSON-able dict.
+
+    With ``metrics_dir``, each lazy layer also gets the live fetch figures of
+    the mounts serving it (``fetch``: bytes on demand/prefetch/background,
+    prefetch and background state, bytes saved; see ``metrics``), and layers
+    mounted outside the store are listed under ``live_layers``.
+    """
+    from .metrics import figures_by_layer, read_snapshots
+    figures = figures_by_layer(read_snapshots(metrics_dir)) if metrics_dir else {}
     state = StateDir(state_dir)
     layers = {}
     for name in sorted(_listdir(os.path.join(state.root, "layers"))):
@@ -248,6 +256,8 @@ def collect(state_dir, cache_root=None):
             r["file_bytes"] = total
             r["local_bytes"] = local
             r["local_ratio"] = (local / total if total else 1.0) if total is not None else None
+            if digest in figures:
+                r["fetch"] = figures[digest]
         return r
 
     out_images = []
@@ -259,8 +269,10 @@ def collect(state_dir, cache_root=None):
                            "platform": img.get("platform"), "layers": rows})
     orphans = [row({"digest": d, "size": doc.get("size"), "media_type": doc.get("media_type")})
                for d, doc in sorted(layers.items()) if d not in seen]
+    seen.update(layers)
+    live = {d: fig for d, fig in sorted(figures.items()) if d not in seen}
     return {"state_dir": state.root, "cache_dir": cache_root, "images": out_images,
-            "other_layers": orphans}
+            "other_layers": orphans, "live_layers": live}
 
 
 def _listdir(path):
@@ -282,6 +294,7 @@ def _size(n):
 
 def format_report(report):
     """Human-readable text of ``collect()``'s result."""
+    from .metrics import figures_line
     lines = [f"store state: {report['state_dir']}"]
     if not report["images"] and not report["other_layers"]:
         lines.append("no image has been looked up through the store yet")
@@ -300,6 +313,8 @@ def format_report(report):
                            f"{r.get('kind')}, TOC verified")
             else:
                 out.append(f"{head} {r.get('reason', '')}")
+            if r.get("fetch"):
+                out.append(f"  {'':19}  {'':>9}  {'':<9} {figures_line(r['fetch'])}")
         return out
 
     for img in report["images"]:
@@ -309,4 +324,7 @@ def format_report(report):
     if report["other_layers"]:
         lines.append("layers of images no longer resolved:")
         lines += layer_lines(report["other_layers"])
+    if report.get("live_layers"):
+        lines.append("other mounted layers (stargz-overlay mount):")
+        lines += [f"  {d[:19]}  {figures_line(fig)}" for d, fig in report["live_layers"].items()]
     return "\n".join(lines)

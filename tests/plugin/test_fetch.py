@@ -383,6 +383,21 @@ def test_metrics_match_the_bytes_the_registry_served(tmp_path, so, mounts, links
         {app.result.blob_digest, base.result.blob_digest}
     prom = [n for n in os.listdir(tmp_path / "metrics") if n.endswith(".prom")]
     assert len(prom) == 1
+    # ... and status shows them per layer
+    (tmp_path / "state").mkdir()
+    out = subprocess.run([sys.executable, "-m", "stargz_overlay", "status", "--state-dir",
+                          str(tmp_path / "state"), "--config", cfg, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    live = json.loads(out.stdout)["live_layers"]
+    fig = live[app.result.blob_digest]
+    assert fig["fetched"] == layer_stats(tmp_path, app)["fetched"]
+    assert fig["local_ratio"] == 1.0 and fig["background"] == "done"
+    text = subprocess.run([sys.executable, "-m", "stargz_overlay", "status", "--state-dir",
+                           str(tmp_path / "state"), "--config", cfg], capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "100.0% local" in text
+    assert f"prefetch {fig['fetched']['prefetch'] / (1 << 20):.1f} (done)" in text
     m.unmount()
     assert read_snapshots(str(tmp_path / "metrics")) == []
 

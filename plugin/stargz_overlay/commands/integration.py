@@ -44,13 +44,14 @@ def cmd_status(args):
         state_dir = state_dir or store.default_state_dir()
     if not os.path.isdir(state_dir):
         raise StargzError(f"no store state in {state_dir} (give --state-dir or --store)")
-    cache_dir = None
+    cache_dir = metrics_dir = None
     try:
         from ..config import load_config
-        cache_dir = load_config(config_path or None).cache_dir
+        config = load_config(config_path or None)
+        cache_dir, metrics_dir = config.cache_dir, config.metrics_dir
     except StargzError:
         pass
-    report = status.collect(state_dir, cache_dir)
+    report = status.collect(state_dir, cache_dir, metrics_dir)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
