@@ -66,6 +66,10 @@ class PluginState:
         for candidate in candidates:
             try:
                 os.makedirs(os.path.dirname(candidate), mode=0o700, exist_ok=True)
+                # created private whatever the caller's umask: the log names images,
+                # registries and paths (never credentials)
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                 0o600))
                 handler = logging.FileHandler(candidate, encoding="utf-8")
                 self.log_path = candidate
                 break
