@@ -135,6 +135,7 @@ def plugin_config(directory, registry=None, **extra):
 
     from ..plugin.fusehelp import write_config
     directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
     paths = {"cache": str(extra.pop("cache_dir", os.path.join(directory, "cache"))),
              "log": os.path.join(directory, "plugin.log"),
              "metrics": os.path.join(directory, "metrics")}

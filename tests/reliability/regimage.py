@@ -67,13 +67,13 @@ class PushedLayer:
         return None
 
 
-def client_for(*hosts):
+def client_for(*hosts, auth_files=()):
     text = "".join(f'[[registry]]\nlocation = "{h}"\ninsecure = true\n' for h in hosts)
-    return RegistryClient(registries_conf=RegistriesConf.from_text(text), auth_files=[],
-                          certs_dir=os.devnull)
+    return RegistryClient(registries_conf=RegistriesConf.from_text(text),
+                          auth_files=list(auth_files), certs_dir=os.devnull)
 
 
-def push_files(tmp, registry, files, repo="rel/app:1", chunk_size=4 << 20):
+def push_files(tmp, registry, files, repo="rel/app:1", chunk_size=4 << 20, auth_files=()):
     b = TarBuilder()
     dirs = sorted({os.path.dirname(n) for n in files if "/" in n})
     for d in dirs:
@@ -84,7 +84,7 @@ def push_files(tmp, registry, files, repo="rel/app:1", chunk_size=4 << 20):
     result = convert(io.BytesIO(b.bytes()), out, chunk_size=chunk_size, compression_level=1)
     blob = out.getvalue()
     ref = f"{registry.host}/{repo}"
-    with client_for(registry.host) as client:
+    with client_for(registry.host, auth_files=auth_files) as client:
         push_image(client, ref, [blob],
                    layer_annotations=[{TOC_DIGEST_ANNOTATION: result.toc_digest}])
     return PushedLayer(ref, files, blob, result)
