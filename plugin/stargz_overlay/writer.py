@@ -194,6 +194,9 @@ def _read_members(tar):
             if kind is None:
                 raise FormatError(f"input entry {info.name!r} has unsupported tar type "
                                   f"{info.type!r}")
+            if not name and kind != "dir":
+                raise FormatError(f"input entry {info.name!r} names the layer's root but is "
+                                  f"a {kind}, not a directory")
             if name in LANDMARKS or name == TOC_NAME:
                 continue
             if kind == "hardlink" and clean_name(info.linkname) == name:
@@ -202,7 +205,8 @@ def _read_members(tar):
                 raise FormatError(f"input entry {info.name!r} is a hardlink to itself")
             members.pop(name, None)
             members[name] = info
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, ValueError, OverflowError) as exc:
+        # (tarfile raises ValueError for malformed PAX numbers, e.g. "size=v")
         raise FormatError(f"input is not a valid tar archive: {exc}") from None
     return members
 
@@ -367,10 +371,10 @@ class _Converter:
             if index == landmark_index and index and not self.legacy:
                 self.add_landmark(PREFETCH_LANDMARK)
             info = members[name]
-            payload = tar.extractfile(info) if info.isreg() else None
             try:
+                payload = tar.extractfile(info) if info.isreg() else None
                 self.add(info, name, payload)
-            except (tarfile.TarError, OSError) as exc:
+            except (tarfile.TarError, OSError, ValueError) as exc:
                 raise FormatError(f"input entry {info.name!r}: {exc}") from None
         if not self.legacy and landmark_index and landmark_index == len(order):
             self.add_landmark(PREFETCH_LANDMARK)
@@ -414,7 +418,7 @@ def convert(source, out, legacy=False, chunk_size=DEFAULT_CHUNK_SIZE, prioritize
         fileobj = _open_input(source, spool)
         try:
             tar = tarfile.open(fileobj=fileobj, mode="r:", errors="surrogateescape")
-        except tarfile.TarError as exc:
+        except (tarfile.TarError, ValueError, OverflowError) as exc:
             raise FormatError(f"input is not a tar or tar.gz archive: {exc}") from None
         with tar:
             members = _read_members(tar)
