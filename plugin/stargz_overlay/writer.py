@@ -30,7 +30,8 @@ from datetime import datetime, timezone
 from .digests import hasher_digest, sha256_digest
 from .errors import FormatError
 from .footer import encode_footer
-from .toc import LANDMARKS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME, clean_name
+from .toc import (LANDMARKS, MAX_ID, MAX_OFFSET, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+                  TOC_NAME, _check_link, _check_name, _check_xattr_name, clean_name)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESSION_LEVEL = 6
@@ -182,6 +183,37 @@ def _check_utf8(name, what="name"):
             f"UTF-8, which a JSON TOC cannot hold; keep this layer as plain gzip") from None
 
 
+def _check_input(info, name, kind):
+    """Refuse here, naming the input entry, what the reader would refuse in the TOC."""
+    try:
+        _check_name(name)
+        if kind == "symlink":
+            _check_link(info.linkname, name)
+        for key in info.pax_headers:
+            if key.startswith("SCHILY.xattr."):
+                _check_xattr_name(key[len("SCHILY.xattr."):], name)
+        for what, value, limit in (("uid", info.uid, MAX_ID), ("gid", info.gid, MAX_ID),
+                                   ("size", info.size, MAX_OFFSET),
+                                   ("devmajor", info.devmajor, MAX_ID),
+                                   ("devminor", info.devminor, MAX_ID)):
+            if not 0 <= value <= limit:
+                raise FormatError(f"{what} {value} is out of range")
+    except FormatError as exc:
+        raise FormatError(f"input entry {info.name!r}: {exc}") from None
+
+
+def _check_parents(members):
+    """No entry may sit below a name that is not a directory (the reader refuses it)."""
+    for name in members:
+        parent = posixpath.dirname(name)
+        while parent:
+            above = members.get(parent)
+            if above is not None and not above.isdir():
+                raise FormatError(f"input entry {name!r} is inside {parent!r}, which is not a "
+                                  f"directory")
+            parent = posixpath.dirname(parent)
+
+
 def _read_members(tar):
     """Input entries by cleaned name, later definitions winning, in input order."""
     members = {}
@@ -197,6 +229,7 @@ def _read_members(tar):
             if not name and kind != "dir":
                 raise FormatError(f"input entry {info.name!r} names the layer's root but is "
                                   f"a {kind}, not a directory")
+            _check_input(info, name, kind)
             if name in LANDMARKS or name == TOC_NAME:
                 continue
             if kind == "hardlink" and clean_name(info.linkname) == name:
@@ -208,6 +241,7 @@ def _read_members(tar):
     except (tarfile.TarError, ValueError, OverflowError) as exc:
         # (tarfile raises ValueError for malformed PAX numbers, e.g. "size=v")
         raise FormatError(f"input is not a valid tar archive: {exc}") from None
+    _check_parents(members)
     return members
 
 
@@ -374,7 +408,7 @@ class _Converter:
             try:
                 payload = tar.extractfile(info) if info.isreg() else None
                 self.add(info, name, payload)
-            except (tarfile.TarError, OSError, ValueError) as exc:
+            except (tarfile.TarError, OSError, ValueError, OverflowError) as exc:
                 raise FormatError(f"input entry {info.name!r}: {exc}") from None
         if not self.legacy and landmark_index and landmark_index == len(order):
             self.add_landmark(PREFETCH_LANDMARK)
