@@ -16,6 +16,7 @@ registry outage no longer matters to its containers.
 import copy
 import logging
 import queue
+import threading
 import time
 
 from .errors import StargzError
@@ -51,6 +52,7 @@ class BackgroundFetcher:
         self.cfg = cfg
         self.rate = RateLimiter(self._rate, burst=256 << 10)
         self.paused = 0.0
+        self._producing = threading.local()      # content key each worker is fetching
 
     def _rate(self):
         """Bytes/s allowed now (0 = unlimited)."""
@@ -68,7 +70,7 @@ class BackgroundFetcher:
         return start_thread("sz-bgfetch", self._run)
 
     def throttle(self, nbytes):
-        paused = self.ctx.gate.wait_quiet()
+        paused = self.ctx.gate.wait_quiet(getattr(self._producing, "key", None))
         if paused > 0.001:
             self.paused += paused
             self.ctx.metrics.inc("background_paused_seconds_total", paused)
@@ -146,6 +148,7 @@ class BackgroundFetcher:
                 for entry in todo:
                     if layer.closed:
                         return
+                    self._producing.key = layer.content_key(entry)
                     try:
                         view.file_path(entry, entry.name, reader=reader)
                     except OSError as exc:
@@ -153,7 +156,10 @@ class BackgroundFetcher:
                                     entry.name, exc.strerror or exc)
                         if stream.broken is not None:
                             return
+                self._producing.key = None
                 stream.drain()
         except (StargzError, OSError) as exc:
             log.warning("%s: background fetch of bytes %d-%d failed: %s", view.label, start,
                         end, exc)
+        finally:
+            self._producing.key = None

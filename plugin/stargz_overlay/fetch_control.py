@@ -19,8 +19,10 @@ in the daemon, never before fuse-overlayfs forks.
 """
 
 import contextlib
+import copy
 import ctypes
 import logging
+import socket
 import threading
 import time
 from urllib.parse import urljoin
@@ -30,6 +32,9 @@ from .errors import RangeNotSupported, RegistryError, SourceError, StargzError
 log = logging.getLogger("stargz_overlay.plugin")
 
 STREAM_BLOCK = 256 << 10       # bytes handed over per pull of a stream
+TAIL_GUESS = 64 << 10          # registry blobs: bytes read with the footer (the TOC, mostly)
+BACKGROUND_RCVBUF = 256 << 10  # receive buffer of background connections: bounds what
+                               # still arrives after background fetching pauses
 LOCAL_WINDOW = 16 << 20        # bytes per read when a source cannot stream
 _REDIRECTS = (301, 302, 303, 307, 308)
 _local = threading.local()
@@ -118,28 +123,34 @@ class HostLimiter:
 
 
 class ForegroundGate:
-    """Foreground opens in progress, and when the last one ended."""
+    """Foreground opens in progress (and what they wait for), and when the last one ended."""
 
     def __init__(self, silence):
         self.silence = silence            # seconds of quiet before background may run
         self._cond = threading.Condition()
         self._active = 0
+        self._wanted = {}                 # key (digest) -> opens waiting for it
         self._last = time.monotonic()
 
     @contextlib.contextmanager
-    def busy(self):
+    def busy(self, key=None):
+        """An open that waits for the content ``key`` (e.g. its digest)."""
         with self._cond:
             self._active += 1
+            self._wanted[key] = self._wanted.get(key, 0) + 1
         try:
             yield
         finally:
             with self._cond:
                 self._active -= 1
+                self._wanted[key] -= 1
+                if not self._wanted[key]:
+                    del self._wanted[key]
                 self._last = time.monotonic()
                 self._cond.notify_all()
 
     def note(self):
-        """Foreground activity that did not wait (e.g. prefetch progress)."""
+        """Foreground activity that did not wait (e.g. prefetch progress, the first call)."""
         with self._cond:
             self._last = time.monotonic()
 
@@ -147,12 +158,18 @@ class ForegroundGate:
     def waiting(self):
         return self._active
 
-    def wait_quiet(self):
-        """Block until no open is waiting and none ended within ``silence``; seconds waited."""
+    def wait_quiet(self, producing=None):
+        """Block until no open is waiting and none ended within ``silence``; seconds waited.
+
+        A background fetch producing content ``producing`` that an open waits for
+        is never paused (the open needs it; pausing would deadlock them).
+        """
         started = time.monotonic()
         with self._cond:
             while True:
                 now = time.monotonic()
+                if producing is not None and producing in self._wanted:
+                    return now - started
                 if self._active:
                     self._cond.wait(1.0)
                     continue
@@ -165,7 +182,7 @@ class ForegroundGate:
 class LinkEstimate:
     """The link's rate as seen by foreground transfers (the best of recent large ones)."""
 
-    MIN_BYTES = 512 << 10
+    MIN_BYTES = 128 << 10
 
     def __init__(self):
         self._samples = []
@@ -235,6 +252,8 @@ class MeteredSource:
         self.host = source_host(inner)
         self.reads = 0
         self.bytes = 0
+        self._tail = None               # the blob's last TAIL_GUESS bytes, while loading
+        self._tail_used = False
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -246,6 +265,25 @@ class MeteredSource:
             log.info("blob-read %s offset=%d length=%d", self.label, offset, length)
 
     def read_at(self, offset, length):
+        tail = self._tail
+        if tail is not None and offset >= self.size - len(tail):
+            lo = offset - (self.size - len(tail))
+            return tail[lo:lo + length]
+        if (self.host is not None and not self._tail_used and offset + length == self.size
+                and length < TAIL_GUESS < self.size):
+            # The footer read at mount: take the TOC (usually smaller) with it,
+            # one round trip instead of two.
+            self._tail_used = True
+            self._tail = self._read(self.size - TAIL_GUESS, TAIL_GUESS)
+            return self._tail[TAIL_GUESS - length:]
+        self._tail = None                # loading is over
+        return self._read(offset, length)
+
+    def loaded(self):
+        """The layer is open: forget the tail read with the footer."""
+        self._tail = None
+
+    def _read(self, offset, length):
         kind = current_kind()
         with self.limiter.slot(self.host, background=kind == "background"):
             self._logged(offset, length)
@@ -381,7 +419,8 @@ class RangeStream:
         inner = metered.inner
         if hasattr(inner, "client") and hasattr(inner, "_with_fallback"):
             self._count_request(pos, self.end - pos)
-            self._response = _open_registry_range(inner, pos, self.end)
+            self._response = _open_registry_range(inner, pos, self.end,
+                                                  background=self.kind == "background")
             client = inner.client
 
             def blocks(resp=self._response):
@@ -432,7 +471,38 @@ class RangeStream:
         self.close()
 
 
-def _open_registry_range(blob, start, end):
+_quiet_endpoints = {}
+_quiet_lock = threading.Lock()
+
+
+def _quiet_endpoint(ep):
+    """A twin of registry Endpoint ``ep`` (same auth) whose connections have a small
+    receive buffer: when a background stream stops reading, the sender stops within
+    BACKGROUND_RCVBUF bytes instead of filling an autotuned buffer of megabytes."""
+    with _quiet_lock:
+        twin = _quiet_endpoints.get(id(ep))
+        if twin is not None and twin[0] is ep:
+            return twin[1]
+        import requests
+        from urllib3.connection import HTTPConnection
+        options = HTTPConnection.default_socket_options + [
+            (socket.SOL_SOCKET, socket.SO_RCVBUF, BACKGROUND_RCVBUF)]
+        quiet = copy.copy(ep)
+        session = requests.Session()
+        session.headers.update(ep.session.headers)
+        session.verify = ep.session.verify
+        session.trust_env = ep.session.trust_env
+        for prefix, adapter in ep.session.adapters.items():
+            twin_adapter = copy.copy(adapter)
+            twin_adapter.init_poolmanager(adapter._pool_connections, adapter._pool_maxsize,
+                                          block=adapter._pool_block, socket_options=options)
+            session.mount(prefix, twin_adapter)
+        quiet.session = session
+        _quiet_endpoints[id(ep)] = (ep, quiet)
+        return quiet
+
+
+def _open_registry_range(blob, start, end, background=False):
     """A streamed 206 response for bytes ``[start, end)`` of a RegistryBlob (one GET)."""
     from .auth import scope_for
     from .registry import Deadline
@@ -443,6 +513,8 @@ def _open_registry_range(blob, start, end):
 
     def attempt(src):
         ep = blob._endpoint(src)
+        if background:
+            ep = _quiet_endpoint(ep)
         deadline = Deadline(client.deadline)
         url = blob._cached_redirect()
         for _ in range(3):

@@ -50,6 +50,7 @@ class FetchContext:
         if self.started:
             return
         self.started = True
+        self.gate.note()             # the container starts now: quiet counts from here
         from .metrics import Writer
         self.writer = Writer(self.metrics, self.config, self.cache, refresh=self.refresh)
         self.writer.start()
@@ -129,6 +130,10 @@ class LayerFetch:
             return True
         return False
 
+    def content_key(self, entry):
+        """What an open of ``entry`` waits for (shared with background fetching)."""
+        return entry.digest or self.view._computed.get(entry.ino) or (self.id, entry.ino)
+
     def refresh_stats(self):
         pass        # the stats are kept current as files are stored
 
@@ -155,7 +160,7 @@ class LayerFetch:
                 return path
         result = "fetched"
         try:
-            with self.ctx.gate.busy():
+            with self.ctx.gate.busy(self.content_key(entry)):
                 event = self.pending.get(entry.ino)
                 if event is not None:
                     metrics.inc("prefetch_waits_total", layer=self.id)

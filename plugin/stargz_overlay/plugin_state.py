@@ -132,7 +132,9 @@ class PluginState:
             source, toc = self._registry_source(spec)
         metered = self.fetch.metered(source, layer_id, label, ref=spec.ref or spec.path or "")
         with fetch_kind("metadata"):
-            return StargzReader(metered, toc_digest=toc)
+            reader = StargzReader(metered, toc_digest=toc)
+        metered.loaded()
+        return reader
 
     def _registry_source(self, spec):
         from . import registry_layers

@@ -125,6 +125,10 @@ def test_gate_waits_for_quiet_and_rate_limiter_paces():
     started = time.monotonic()
     gate.wait_quiet()
     assert time.monotonic() - started >= 0.45           # the open, then the silence
+    with gate.busy("sha256:x"):      # an open waits for what the background is fetching:
+        started = time.monotonic()   # that fetch must not pause (they would deadlock)
+        assert gate.wait_quiet(producing="sha256:x") < 0.05
+        assert time.monotonic() - started < 0.05
     limiter = RateLimiter(lambda: 1_000_000, burst=100_000)
     started = time.monotonic()
     for _ in range(6):
