@@ -8,7 +8,10 @@ This kernel has no ``netem``, so the registry is put behind this proxy instead:
 Each direction delays every byte by half the round-trip time (propagation), and
 all connections share one token bucket per direction (the link's bandwidth), so
 a request/response costs at least one RTT, a new connection one more (the TCP
-handshake), and N bytes at least N / bandwidth.  ``--verify`` measures both
+handshake), and N bytes at least N / bandwidth.  Like a real link, it carries
+bytes only while the receiver takes them (TCP flow control): a client that
+stops reading stops the flow after its receive window (plus ``SEND_BUFFER``),
+instead of the link carrying on into the proxy's memory.  ``--verify`` measures both
 through the running link and prints them.
 """
 
@@ -19,6 +22,8 @@ import threading
 import time
 
 CHUNK = 64 << 10
+SEND_BUFFER = 64 << 10      # kernel send buffer of the proxy's sockets
+MAX_UNDELIVERED = 128 << 10  # bytes read from a side but not yet handed to the other
 
 
 class _Direction:
@@ -54,10 +59,16 @@ class Shaper:
         self._loop = None
         self._server = None
         self._thread = None
+        self._writers = set()
         self.address = None
 
     async def _pump(self, reader, writer, direction, counter):
         queue = asyncio.Queue()
+        undelivered = [0]
+        delivered = asyncio.Event()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
         async def deliver():
             while True:
@@ -69,6 +80,8 @@ class Shaper:
                     await asyncio.sleep(wait)
                 writer.write(data)
                 await writer.drain()
+                undelivered[0] -= len(data)
+                delivered.set()
             writer.close()
 
         sender = asyncio.ensure_future(deliver())
@@ -79,9 +92,13 @@ class Shaper:
                     break
                 setattr(self, counter, getattr(self, counter) + len(data))
                 queue.put_nowait((direction.departure(len(data), self._loop.time()), data))
+                undelivered[0] += len(data)
                 backlog = direction.free_at - self._loop.time()
                 if backlog > 0.25:                  # read on only as the link drains
                     await asyncio.sleep(backlog - 0.25)
+                while undelivered[0] > MAX_UNDELIVERED:     # the receiver is not reading:
+                    delivered.clear()                       # the link carries nothing more
+                    await delivered.wait()
         except (ConnectionError, OSError):
             pass
         queue.put_nowait((0, None))
@@ -92,15 +109,23 @@ class Shaper:
 
     async def _handle(self, client_reader, client_writer):
         self.connections += 1
-        await asyncio.sleep(self.rtt)               # the TCP handshake's round trip
+        self._writers.add(client_writer)
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_writer.close()
-            return
-        await asyncio.gather(
-            self._pump(client_reader, up_writer, self.up, "bytes_up"),
-            self._pump(up_reader, client_writer, self.down, "bytes_down"))
+            await asyncio.sleep(self.rtt)           # the TCP handshake's round trip
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            except OSError:
+                client_writer.close()
+                return
+            self._writers.add(up_writer)
+            try:
+                await asyncio.gather(
+                    self._pump(client_reader, up_writer, self.up, "bytes_up"),
+                    self._pump(up_reader, client_writer, self.down, "bytes_down"))
+            finally:
+                self._writers.discard(up_writer)
+        finally:
+            self._writers.discard(client_writer)
 
     def start(self):
         """Serve in a background thread; returns ``"host:port"``."""
@@ -120,10 +145,26 @@ class Shaper:
         return f"{self.address[0]}:{self.address[1]}"
 
     def stop(self):
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        if self._loop is None:
+            return
+
+        async def shutdown():
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for writer in list(self._writers):
+                writer.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        except Exception:           # noqa: BLE001 - stopping anyway
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._loop = None
 
     def __enter__(self):
         self.start()
