@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Cold start of the demo python image over a shaped link: lazy with prefetch, lazy
+without prefetch, and the legacy pull + run, in the same run.
+
+The image is the real Debian python image of contrib/images.py (base + python
+layers, built offline); ``--image python-gcc`` adds the gcc toolchain layer
+under the python one, as in the official non-slim python images (the workload
+reads none of it; a legacy pull downloads it all).  It is pushed to a local docker-registry as the legacy
+gzip image (skopeo) and converted to eStargz twice by ``stargz-overlay
+convert``: plain (no prioritized files) and optimized, with the files the
+workload reads at start-up, traced once through the plugin (``log_calls``),
+placed before ``.prefetch.landmark``.  All timed traffic goes through
+contrib/bench/netshape.py (default 20 ms RTT, 100 Mbit/s), checked with its
+``verify()``.
+
+Timed, each from a cold cache (and a fresh podman storage for the legacy run):
+
+  lazy+prefetch   stargz-overlay mount --image (optimized) + chroot MNT python3 -c ...
+  lazy            the same with noprefetch = true (file-at-a-time fetching)
+  lazy-plain      the plain eStargz image (no landmark region; prefetch has nothing to do)
+  legacy          podman pull (gzip image) + podman run python3 -c ...
+
+and two references: ``local`` (the lazy+prefetch start with a warm cache and an
+unshaped registry: the work that is not network) and the physical floor,
+``floor = 4 RTT (connect, manifest, TOCs, data) + bytes needed / bandwidth +
+local``, where the bytes needed are the layers' footers and TOCs plus the
+compressed bytes of the files the workload reads.
+
+    sudo .venv/bin/python contrib/bench/prefetch_bench.py [--rtt-ms 20] [--mbit 100] \
+        [--image python|python-gcc] [--repeat 3]
+
+Each start is repeated (fresh cache, fresh podman storage) and the median is
+reported.
+
+Prints a table and writes JSON to contrib/bench/results/.  Needs root,
+/dev/fuse, fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "plugin"))
+sys.path.insert(0, os.path.join(ROOT, "contrib"))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import images  # noqa: E402
+from netshape import Shaper, verify  # noqa: E402
+from stargz_overlay.metrics import read_snapshots  # noqa: E402
+from tests.registryfixture import Registry  # noqa: E402
+
+WORKLOAD = ["/usr/bin/python3", "-c", "print('hello')"]
+ENV = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "plugin"))
+CLI = [sys.executable, "-m", "stargz_overlay"]
+
+
+def run(cmd, env=None, timeout=600, check=True, **kw):
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env=env or ENV, **kw)
+    if check and res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res
+
+
+def registries_conf(path, hosts):
+    with open(path, "w") as f:
+        for host in hosts:
+            f.write(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
+    return path
+
+
+class Lazy:
+    """Mounts of an image through ``stargz-overlay mount --image``."""
+
+    def __init__(self, tmp, name, host, **config):
+        self.dir = os.path.join(tmp, name)
+        os.makedirs(self.dir)
+        conf = registries_conf(os.path.join(self.dir, "registries.conf"), [host])
+        with open(os.path.join(self.dir, "auth.json"), "w") as f:
+            f.write("{}")
+        keys = {"cache_dir": os.path.join(self.dir, "cache"),
+                "log_file": os.path.join(self.dir, "plugin.log"),
+                "metrics_dir": os.path.join(self.dir, "metrics"), "metrics_period_sec": 0.5,
+                "log_level": "debug" if config.get("log_calls") else "info", **config}
+        lines = [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+        lines += ["[registry]", f"insecure = [{json.dumps(host)}]",
+                  f"registries_conf = {json.dumps(conf)}",
+                  f"auth_file = {json.dumps(os.path.join(self.dir, 'auth.json'))}"]
+        self.config = os.path.join(self.dir, "config.toml")
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.env = dict(ENV, CONTAINERS_REGISTRIES_CONF=conf)
+        self.mnt = None
+
+    def mount(self, ref, name="mnt"):
+        self.mnt = os.path.join(self.dir, name)
+        os.makedirs(self.mnt, exist_ok=True)
+        run(CLI + ["mount", "--config", self.config, "--state-dir",
+                   os.path.join(self.dir, "state"), "--image", f"docker://{ref}", self.mnt],
+            env=self.env)
+
+    def start(self):
+        out = run(["chroot", self.mnt, *WORKLOAD])
+        if out.stdout.strip() != "hello":
+            raise SystemExit(f"the workload printed {out.stdout!r}")
+
+    def unmount(self):
+        if self.mnt and os.path.ismount(self.mnt):
+            run(["fusermount3", "-u", self.mnt], check=False)
+            deadline = time.monotonic() + 10
+            while os.path.ismount(self.mnt) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.mnt = None
+
+    def metrics(self):
+        snaps = read_snapshots(os.path.join(self.dir, "metrics"))
+        fetched = {}
+        for snap in snaps:
+            for layer in snap["layers"]:
+                for kind, n in layer["fetched"].items():
+                    fetched[kind] = fetched.get(kind, 0) + n
+        return fetched
+
+    def timed_start(self, ref):
+        started = time.monotonic()
+        self.mount(ref)
+        mounted = time.monotonic()
+        self.start()
+        done = time.monotonic()
+        time.sleep(0.8)                       # one more metrics write
+        return {"total_s": done - started, "mount_s": mounted - started,
+                "run_s": done - mounted, "fetched": self.metrics()}
+
+
+class Podman:
+    """podman with a private graph root (the host's store is never touched)."""
+
+    def __init__(self, tmp, name, host):
+        self.dir = os.path.join(tmp, name)
+        os.makedirs(self.dir)
+        conf = os.path.join(self.dir, "storage.conf")
+        with open(conf, "w") as f:
+            f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{self.dir}/graph"\n'
+                    f'runroot = "{self.dir}/run"\n')
+        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=conf,
+                        CONTAINERS_REGISTRIES_CONF=registries_conf(
+                            os.path.join(self.dir, "registries.conf"), [host]))
+
+    def __call__(self, *args, timeout=600):
+        return run(["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+                    "--events-backend", "none", *args], env=self.env, timeout=timeout)
+
+    def timed_start(self, ref):
+        started = time.monotonic()
+        self("pull", "-q", ref)
+        pulled = time.monotonic()
+        out = self("run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
+                   "--ulimit", "nproc=1024:1024", ref, *WORKLOAD)
+        done = time.monotonic()
+        if out.stdout.strip() != "hello":
+            raise SystemExit(f"the workload printed {out.stdout!r}")
+        return {"total_s": done - started, "pull_s": pulled - started, "run_s": done - pulled}
+
+    def cleanup(self):
+        subprocess.run(["podman", "--runtime", "runc", "rm", "-af"], env=self.env,
+                       capture_output=True)
+        subprocess.run(["podman", "rmi", "-af"], env=self.env, capture_output=True)
+        subprocess.run(["podman", "system", "reset", "-f"], env=self.env, capture_output=True,
+                       timeout=120)
+
+
+def build_image(kind, layout):
+    """``oci:`` reference of the benchmark image ``kind``."""
+    if kind == "python":
+        return images.build("python", layout)
+    base_packages = set(images.closure(images.BASE_PACKAGES))
+    layers = [images.base_layer(), images.workload_layer("gcc", base_packages),
+              images.workload_layer("python", base_packages)]
+    return images.write_image(layout, kind, layers, ["python3", "-c", "print('hello')"])
+
+
+def median_row(rows):
+    """The run with the median total time (its other figures with it)."""
+    ordered = sorted(rows, key=lambda r: r["total_s"])
+    row = dict(ordered[len(ordered) // 2])
+    row["all_s"] = [round(r["total_s"], 3) for r in rows]
+    return row
+
+
+def trace_reads(tmp, reg_host, ref):
+    """Files the workload opens, in order of first open (from the plugin's call log)."""
+    lazy = Lazy(tmp, "trace", reg_host, log_calls=True, noprefetch=True,
+                no_background_fetch=True)
+    lazy.mount(ref)
+    try:
+        lazy.start()
+        with open(os.path.join(lazy.dir, "plugin.log"), encoding="utf-8") as f:
+            log = f.read()
+        seen, order = set(), []
+        for m in re.finditer(r"call openat\(ptr, b'([^']*)'", log):
+            path = m.group(1).lstrip("./")
+            if path and path not in seen:
+                seen.add(path)
+                full = os.path.join(lazy.mnt, path)
+                if os.path.isfile(full) and not os.path.islink(full):
+                    order.append(path)
+        return order
+    finally:
+        lazy.unmount()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument("--mbit", type=float, default=100.0)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--no-legacy", action="store_true", help="skip the podman run")
+    parser.add_argument("--image", choices=("python", "python-gcc"), default="python")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each start (median)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (FUSE mounts, chroot, podman)")
+    tmp = tempfile.mkdtemp(prefix="prefetch-bench-")
+    reg = shaper = None
+    results = {"rtt_ms": args.rtt_ms, "mbit": args.mbit, "workload": WORKLOAD,
+               "image": args.image, "repeat": args.repeat}
+    try:
+        print(f"building the {args.image} image ...", flush=True)
+        oci = build_image(args.image, os.path.join(tmp, "oci"))
+        reg = Registry(tmp)
+        direct = reg.host
+        run(["skopeo", "copy", "-q", "--dest-tls-verify=false", oci,
+             f"docker://{direct}/bench/python:legacy"])
+        conv_env = dict(ENV, CONTAINERS_REGISTRIES_CONF=registries_conf(
+            os.path.join(tmp, "registries.conf"), [direct]))
+        run(CLI + ["convert", oci, f"docker://{direct}/bench/python:plain"], env=conv_env)
+        print("tracing the workload's reads ...", flush=True)
+        reads = trace_reads(tmp, direct, f"{direct}/bench/python:plain")
+        listing = os.path.join(tmp, "prioritized.txt")
+        with open(listing, "w") as f:
+            f.write("\n".join(reads) + "\n")
+        run(CLI + ["convert", "--prioritized-files", listing, oci,
+                   f"docker://{direct}/bench/python:esgz"], env=conv_env)
+        sizes = {tag: sum(layer["size"] for layer in json.loads(run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false",
+             f"docker://{direct}/bench/python:{tag}"]).stdout)["layers"])
+            for tag in ("legacy", "esgz")}
+        results.update(files_read=len(reads), image_bytes=sizes)
+
+        host, port = direct.rsplit(":", 1)
+        shaper = Shaper((host, int(port)), rtt_ms=args.rtt_ms, mbit=args.mbit)
+        shaped = shaper.start()
+        legacy_digest = json.loads(run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                        f"docker://{direct}/bench/python:legacy"]).stdout)
+        big = max(legacy_digest["layers"], key=lambda x: x["size"])["digest"]
+        shost, sport = shaped.rsplit(":", 1)
+        link = verify(shost, int(sport), "/v2/", f"/v2/bench/python/blobs/{big}")
+        results["link"] = link
+        print(f"shaped link {shaped}: measured {link['rtt_ms']} ms RTT, {link['mbit']} Mbit/s",
+              flush=True)
+
+        rows = {}
+        runs = {}
+        for n in range(args.repeat):
+            for name, tag, config in (("lazy+prefetch", "esgz", {}),
+                                      ("lazy", "esgz", {"noprefetch": True}),
+                                      ("lazy-plain", "plain", {})):
+                lazy = Lazy(tmp, f"{name}.{n}", shaped, **config)
+                before = shaper.bytes_down
+                try:
+                    row = lazy.timed_start(f"{shaped}/bench/python:{tag}")
+                finally:
+                    lazy.unmount()
+                row["link_bytes"] = shaper.bytes_down - before
+                runs.setdefault(name, []).append(row)
+                print(f"{name:14} {row['total_s']:6.2f} s", flush=True)
+                if name == "lazy+prefetch":
+                    warm = Lazy(tmp, f"local.{n}", direct)
+                    shutil.copytree(os.path.join(lazy.dir, "cache"),
+                                    os.path.join(warm.dir, "cache"))
+                    try:
+                        row = warm.timed_start(f"{direct}/bench/python:{tag}")
+                    finally:
+                        warm.unmount()
+                    runs.setdefault("local", []).append(row)
+                    print(f"{'local':14} {row['total_s']:6.2f} s (warm cache, no shaping)",
+                          flush=True)
+            if not args.no_legacy:
+                podman = Podman(tmp, f"podman.{n}", shaped)
+                before = shaper.bytes_down
+                try:
+                    row = podman.timed_start(f"{shaped}/bench/python:legacy")
+                finally:
+                    podman.cleanup()
+                row["link_bytes"] = shaper.bytes_down - before
+                runs.setdefault("legacy", []).append(row)
+                print(f"{'legacy':14} {row['total_s']:6.2f} s", flush=True)
+        rows = {name: median_row(r) for name, r in runs.items()}
+
+        pre = rows["lazy+prefetch"]["fetched"]
+        needed = pre.get("metadata", 0) + pre.get("prefetch", 0) + pre.get("on_demand", 0)
+        bandwidth = args.mbit * 1e6 / 8
+        floor_net = 4 * args.rtt_ms / 1000 + needed / bandwidth
+        floor = floor_net + rows["local"]["total_s"]
+        results.update(rows=rows, bytes_needed=needed, floor_network_s=floor_net, floor_s=floor)
+        print()
+        print(f"image: {sizes['legacy'] / 1e6:.1f} MB gzip, {sizes['esgz'] / 1e6:.1f} MB eStargz; "
+              f"the workload reads {len(reads)} files, {needed / 1e6:.2f} MB of blob "
+              f"(with the TOCs)")
+        print(f"floor = 4 x {args.rtt_ms:g} ms + {needed / 1e6:.2f} MB / {args.mbit:g} Mbit/s "
+              f"({floor_net:.2f} s) + local work {rows['local']['total_s']:.2f} s = "
+              f"{floor:.2f} s")
+        print(f"{'start':14} {'median s':>8} {'x floor':>8} {'x legacy':>9} {'MB fetched':>11}"
+              f"  runs")
+        legacy = rows.get("legacy", {}).get("total_s")
+        for name in ("lazy+prefetch", "lazy", "lazy-plain", "legacy"):
+            if name not in rows:
+                continue
+            row = rows[name]
+            moved = row.get("link_bytes", 0) / 1e6
+            ratio = f"{row['total_s'] / legacy:9.3f}" if legacy else f"{'-':>9}"
+            print(f"{name:14} {row['total_s']:8.2f} {row['total_s'] / floor:8.2f} {ratio} "
+                  f"{moved:11.2f}  {' '.join(f'{t:.2f}' for t in row['all_s'])}")
+            row["x_floor"] = row["total_s"] / floor
+            if legacy:
+                row["x_legacy"] = row["total_s"] / legacy
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        out = os.path.join(HERE, "results",
+                           f"prefetch_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwritten to {os.path.relpath(out, ROOT)}")
+    finally:
+        if shaper is not None:
+            shaper.stop()
+        if reg is not None:
+            reg.stop()
+        if not args.keep:
+            for sub in os.listdir(tmp):
+                mnt = os.path.join(tmp, sub, "mnt")
+                if os.path.ismount(mnt):
+                    subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}")
+
+
+if __name__ == "__main__":
+    main()
