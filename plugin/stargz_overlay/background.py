@@ -34,12 +34,13 @@ def spans(entries, span_size, max_gap=MAX_GAP):
     for entry in entries:
         first, last = entry.chunks[0].offset, entry.chunks[-1].end
         if out:
-            start, end, group = out[-1]
-            if first - end <= max_gap and last - start <= span_size:
-                out[-1] = (start, max(end, last), group + [entry])
+            span = out[-1]
+            if first - span[1] <= max_gap and last - span[0] <= span_size:
+                span[1] = max(span[1], last)
+                span[2].append(entry)
                 continue
-        out.append((first, last, [entry]))
-    return out
+        out.append([first, last, [entry]])
+    return [tuple(span) for span in out]
 
 
 class BackgroundFetcher:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from .cache import EMPTY_SHA256, CacheError
+from .cache import EMPTY_SHA256
 from .fetch_control import ForegroundGate, HostLimiter, LinkEstimate, MeteredSource, fetch_kind
 from .metrics import Metrics
 
@@ -52,7 +52,7 @@ class FetchContext:
         self.started = True
         self.gate.note()             # the container starts now: quiet counts from here
         from .metrics import Writer
-        self.writer = Writer(self.metrics, self.config, self.cache, refresh=self.refresh)
+        self.writer = Writer(self.metrics, self.config, self.cache)
         self.writer.start()
         if self.config.prefetch:
             from . import prefetch
@@ -66,10 +66,6 @@ class FetchContext:
             from .background import BackgroundFetcher
             self.background = BackgroundFetcher(self, list(self.layers))
             self.background.start()
-
-    def refresh(self):
-        for layer in self.layers:
-            layer.refresh_stats()
 
     def write_metrics(self):
         if self.writer is not None:
@@ -134,9 +130,6 @@ class LayerFetch:
         """What an open of ``entry`` waits for (shared with background fetching)."""
         return entry.digest or self.view._computed.get(entry.ino) or (self.id, entry.ino)
 
-    def refresh_stats(self):
-        pass        # the stats are kept current as files are stored
-
     @property
     def complete(self):
         return len(self.local) >= len(self.entries)
@@ -189,10 +182,3 @@ class LayerFetch:
     def close(self):
         self.closed = True
         self.pin.release()
-
-
-def error_errno(exc):
-    """The errno an open fails with for a fetch error ``exc``."""
-    if isinstance(exc, CacheError):
-        return exc.errno
-    return errno.EIO

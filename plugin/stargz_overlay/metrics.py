@@ -377,11 +377,10 @@ def _mib(n):
 class Writer:
     """Daemon thread rewriting the metrics files; also runs periodic cache collection."""
 
-    def __init__(self, metrics, config, cache, refresh=None):
+    def __init__(self, metrics, config, cache):
         self.metrics = metrics
         self.config = config
         self.cache = cache
-        self.refresh = refresh           # callable updating layer stats before a write
         self.stop = threading.Event()
         self._next_gc = time.monotonic() + min(config.directory_cache.gc_interval_sec, 30.0)
         self.thread = None
@@ -392,8 +391,6 @@ class Writer:
 
     def write(self):
         try:
-            if self.refresh is not None:
-                self.refresh()
             write_files(self.config.metrics_dir, self.metrics.snapshot(self.cache),
                         prometheus=not self.config.no_prometheus)
         except OSError as exc:

@@ -20,6 +20,7 @@ file is local, no request is made at all.
 
 import copy
 import logging
+import os
 import threading
 import time
 
@@ -78,9 +79,10 @@ def run(layer, start, end, entries, why):
     started = time.monotonic()
     done = failed = 0
     try:
-        todo = [e for e in entries if not layer.is_local(e)]
+        todo = [e for e in entries if not _present(layer, e)]
+        wanted = {e.ino for e in todo}
         for entry in entries:
-            if entry not in todo:
+            if entry.ino not in wanted:
                 _release(layer, entry)
         if not todo:
             layer.stats.prefetch = "done"
@@ -126,6 +128,15 @@ def run(layer, start, end, entries, why):
     log.info("%s: prefetched %d %s (%d bytes of blob in one request) in %.2f s%s",
              view.label, done, why, end - start, time.monotonic() - started,
              f"; {failed} failed" if failed else "")
+
+
+def _present(layer, entry):
+    """Is the content of ``entry`` in the cache?  (Not re-hashed here: that would delay
+    the request; an open verifies it before use.)"""
+    if entry.ino in layer.local:
+        return True
+    digest = entry.digest or layer.view._computed.get(entry.ino)
+    return digest is not None and os.path.exists(layer.ctx.cache.path(digest))
 
 
 def _release(layer, entry):

@@ -208,7 +208,7 @@ def range_len(header):
 
 
 def test_landmark_region_is_prefetched_in_one_request(tmp_path, so, mounts, links, images):
-    app, base = images["app"], images["base"]
+    app = images["app"]
     link = links()
     cfg = config_for(tmp_path, link)
     m = mount_layers(tmp_path, so, mounts, link, images, cfg)
@@ -244,7 +244,6 @@ def test_opens_wait_for_the_stream_not_for_the_whole_region(tmp_path, so, mounts
     link = links(mbit=8, rtt_ms=10)
     cfg = config_for(tmp_path, link)
     m = mount_layers(tmp_path, so, mounts, link, images, cfg)
-    at_mount = len(link.blob_gets())
     started = time.monotonic()
     os.listdir(m.mnt)
     times = {}
