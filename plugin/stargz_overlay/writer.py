@@ -183,6 +183,12 @@ def _check_utf8(name, what="name"):
             f"UTF-8, which a JSON TOC cannot hold; keep this layer as plain gzip") from None
 
 
+def _text(value):
+    """An informational string (user/group name) as valid UTF-8: bytes that are not
+    become U+FFFD, as the reference writer's JSON does."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _check_input(info, name, kind):
     """Refuse here, naming the input entry, what the reader would refuse in the TOC."""
     try:
@@ -316,10 +322,10 @@ class _Converter:
                 entry[key] = value
         if info.uname and info.uid not in self._seen_users:
             self._seen_users.add(info.uid)
-            entry["userName"] = info.uname
+            entry["userName"] = _text(info.uname)
         if info.gname and info.gid not in self._seen_groups:
             self._seen_groups.add(info.gid)
-            entry["groupName"] = info.gname
+            entry["groupName"] = _text(info.gname)
         if kind in ("char", "block"):
             if info.devmajor:
                 entry["devMajor"] = info.devmajor
