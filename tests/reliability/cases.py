@@ -300,13 +300,18 @@ def xattr_big_value(b):
 # -- sizes of the TOC and of members --------------------------------------------
 
 def many_entries(b):
-    """Five million tiny entries: 150 MB of JSON in ~10 MB of gzip."""
-    n = 5_000_000
-    parts = [b'{"version":1,"entries":[{"name":"good","type":"reg","size":%d,"offset":%d,'
-             b'"digest":"%s"}' % (len(GOOD), b.member(GOOD), sha(GOOD).encode())]
-    parts += [b',{"name":"d%d","type":"dir"}' % i for i in range(n)]
-    parts.append(b"]}")
-    return b.finish(toc_json=b"".join(parts))
+    """2.2 million tiny entries (more than the 2 million objects a TOC may hold): 60 MB of
+    JSON in a few MB of gzip."""
+    import io
+    n = 2_200_000
+    out = io.BytesIO()
+    out.write(b'{"version":1,"entries":[{"name":"good","type":"reg","size":%d,"offset":%d,'
+              b'"digest":"%s"}' % (len(GOOD), b.member(GOOD), sha(GOOD).encode()))
+    for start in range(0, n, 100_000):
+        out.write(b"".join(b',{"name":"d%d","type":"dir"}' % i
+                           for i in range(start, min(n, start + 100_000))))
+    out.write(b"]}")
+    return b.finish(toc_json=out.getvalue())
 
 
 def _zeros_toc_member(claimed, inflated):
