@@ -1,57 +1,319 @@
-"""The main job: convert a real tree to eStargz, then read it back lazily.
+"""The main job, end to end: ``podman run`` of a real Debian python image, lazily.
 
-Run through ``contrib/run demo`` (which installs everything first).  Uses the
-``stargz-overlay`` CLI exactly as a user would and prints what each step took.
+Run through ``contrib/run demo`` (it installs everything first), as root::
+
+    contrib/run demo [--rtt-ms 30] [--mbit 100] [--keep]
+
+1. builds a minimal Debian root with python3 from this machine's own Debian
+   packages (``contrib/images.py``; no internet; cached between runs under
+   ``~/.cache/stargz-overlay-demo``) and pushes it to a private docker-registry
+   on 127.0.0.1 as an ordinary gzip image;
+2. converts it with ``stargz-overlay convert --analyze`` (eStargz, the files
+   python needs at startup first, so they arrive in one prefetch);
+3. puts the registry behind a shaped link (default 30 ms round trip,
+   100 Mbit/s: this kernel has no netem) and times, each with its own private
+   storage.conf and graph root:
+   - a normal ``podman run`` of the gzip image (pull, then run),
+   - ``podman run`` of the eStargz image through ``stargz-overlay store`` and
+     the ``stargz-overlay-mount`` mount program: no layer is downloaded at
+     pull, the container starts with only the files it reads;
+4. prints both times, the bytes that crossed the link, and ``stargz-overlay
+   status``; then removes every container, image, mount and process it made.
 """
 
+import argparse
+import hashlib
+import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
-import sysconfig
-import tarfile
 import tempfile
 import time
+import uuid
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "stargz_overlay"]
+COMMAND = ["python3", "-c", "print('hello')"]
+PODMAN_RUN = ["run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
+              "--ulimit", "nproc=1024:1024"]
+IMAGE_PACKAGES = ("libc6", "dash", "coreutils", "python3-minimal", "python3.11",
+                  "python3.11-minimal", "libpython3.11-stdlib", "libpython3.11-minimal")
 
 
-def step(title, argv, **kwargs):
+class DemoError(Exception):
+    pass
+
+
+def say(text=""):
+    print(text, flush=True)
+
+
+def timed(title, argv, **kw):
     start = time.monotonic()
-    result = subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
-    print(f"[{time.monotonic() - start:6.2f} s] {title}")
-    return result.stdout
+    res = subprocess.run(argv, capture_output=True, text=True, **kw)
+    elapsed = time.monotonic() - start
+    if res.returncode != 0:
+        raise DemoError(f"{title} failed ({res.returncode}):\n{res.stderr.strip()}")
+    say(f"[{elapsed:6.2f} s] {title}")
+    return res, elapsed
+
+
+def check_machine():
+    missing = [tool for tool in ("podman", "runc", "skopeo", "fuse-overlayfs", "fusermount3",
+                                 "docker-registry") if shutil.which(tool) is None]
+    if missing:
+        raise DemoError(f"missing: {', '.join(missing)} (contrib/run demo installs them)")
+    if os.geteuid() != 0:
+        raise DemoError("the demo runs Podman as root (private storage); run it as root")
+    if not os.path.exists("/dev/fuse"):
+        raise DemoError("/dev/fuse is missing: FUSE is not available here")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Registry:
+    """docker-registry on a free loopback port, storage in ``directory``."""
+
+    def __init__(self, directory):
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        os.makedirs(directory, exist_ok=True)
+        config = os.path.join(directory, "config.yml")
+        with open(config, "w") as f:
+            f.write("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+                    f"storage:\n  filesystem:\n    rootdirectory: {directory}/data\n"
+                    "  delete:\n    enabled: true\n"
+                    f"http:\n  addr: {self.host}\n  secret: {uuid.uuid4().hex}\n")
+        self.log = open(os.path.join(directory, "registry.log"), "ab")
+        self.proc = subprocess.Popen(["docker-registry", "serve", config], stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise DemoError("docker-registry did not start (see registry.log)")
+                time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+class Podman:
+    """podman with its own storage.conf, graph root and (short) run root."""
+
+    def __init__(self, directory, registries_conf, extra=""):
+        self.dir = directory
+        os.makedirs(directory, exist_ok=True)
+        self.conf = os.path.join(directory, "storage.conf")
+        with open(self.conf, "w") as f:
+            f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{directory}/graph"\n'
+                    f'runroot = "{directory}/run"\n{extra}')
+        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=self.conf,
+                        CONTAINERS_REGISTRIES_CONF=registries_conf)
+
+    def argv(self, *args):
+        return ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+                "--events-backend", "none", *args]
+
+    def run(self, title, *args, timeout=600):
+        return timed(title, self.argv(*args), env=self.env, timeout=timeout)
+
+    def cleanup(self):
+        for args in (("rm", "-af", "-t", "0"), ("rmi", "-af"), ("system", "reset", "-f")):
+            subprocess.run(self.argv(*args), env=self.env, capture_output=True, timeout=120)
+        subprocess.run(["umount", "-R", os.path.join(self.dir, "graph", "overlay")],
+                       capture_output=True)
+
+
+def image_layout(cache_root):
+    """The python image as an OCI layout (built once per set of package versions)."""
+    versions = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Version}\n",
+                               *IMAGE_PACKAGES], capture_output=True, text=True).stdout
+    key = hashlib.sha256(versions.encode()).hexdigest()[:16]
+    layout = os.path.join(cache_root, f"python-{key}")
+    if os.path.exists(os.path.join(layout, "index.json")):
+        say(f"[  0.00 s] reused the python image built earlier ({layout})")
+        return layout
+    sys.path.insert(0, HERE)
+    import images
+    start = time.monotonic()
+    tmp = layout + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    images.build("python", tmp)
+    os.rename(tmp, layout)
+    say(f"[{time.monotonic() - start:6.2f} s] built a minimal Debian root with python3 from "
+        f"this machine's packages (cached in {layout})")
+    return layout
+
+
+def mount_program(work):
+    installed = os.path.join(os.path.dirname(sys.executable), "stargz-overlay-mount")
+    if os.access(installed, os.X_OK):
+        return installed
+    path = os.path.join(work, "stargz-overlay-mount")
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nexec {sys.executable} -m stargz_overlay.mount_program "$@"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+def mb(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+def kill_leftovers(work):
+    """FUSE daemons still serving a mount under ``work`` (one by one, by pid)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"fuse-overlayfs") and any(
+                a.startswith(os.fsencode(work)) or os.fsencode(work) in a for a in argv[1:]):
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except OSError:
+                pass
+
+
+def demo(args):
+    check_machine()
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    from netshape import Shaper
+    cache_root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                              "stargz-overlay-demo")
+    os.makedirs(cache_root, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="sz-demo-", dir="/tmp")    # short: podman's run root
+    say(f"stargz-overlay demo: podman run {' '.join(COMMAND)} (work directory {work})")
+    registry = shaper = store_mnt = None
+    podmans = []
+    try:
+        layout = image_layout(cache_root)
+        registry = Registry(os.path.join(work, "registry"))
+        timed("pushed it to a local docker-registry as an ordinary gzip image",
+              ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:python",
+               f"docker://{registry.host}/demo/python:gzip"], timeout=300)
+        regconf = os.path.join(work, "registries.conf")
+        shaper = Shaper(("127.0.0.1", registry.port), rtt_ms=args.rtt_ms, mbit=args.mbit)
+        link = shaper.start()
+        with open(regconf, "w") as f:
+            for host in (registry.host, link):
+                f.write(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
+        env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=regconf)
+        res, _ = timed("converted it to eStargz (startup files found by static analysis "
+                       "first, for one prefetch)",
+                       CLI + ["convert", "--analyze", f"docker://{registry.host}/demo/python:gzip",
+                              f"docker://{registry.host}/demo/python:esgz"],
+                       env=env, timeout=600)
+        for line in res.stdout.strip().splitlines():
+            say("    " + line)
+        say(f"\nthe registry is now behind a shaped link: {args.rtt_ms:g} ms round trip, "
+            f"{args.mbit:g} Mbit/s\n")
+
+        # 1. the normal way
+        plain = Podman(os.path.join(work, "plain"), regconf)
+        podmans.append(plain)
+        before = shaper.bytes_down
+        res, t_plain = plain.run("normal: podman run of the gzip image (full pull, then run)",
+                                 *PODMAN_RUN, f"{link}/demo/python:gzip", *COMMAND)
+        plain_bytes = shaper.bytes_down - before
+        say(f"    output: {res.stdout.strip()!r}; {mb(plain_bytes)} over the link")
+
+        # 2. lazily, through the store
+        store_mnt = os.path.join(work, "als")
+        config = os.path.join(work, "config.toml")
+        with open(config, "w") as f:
+            f.write(f'cache_dir = "{work}/cache"\nlog_file = "{work}/plugin.log"\n'
+                    f'[registry]\nregistries_conf = "{regconf}"\n')
+        timed("mounted the store (stargz-overlay store)",
+              CLI + ["store", store_mnt, "--state-dir", os.path.join(work, "state"),
+                     "--config", config], timeout=120)
+        lazy = Podman(os.path.join(work, "lazy"), regconf,
+                      extra=f'[storage.options]\nadditionallayerstores = '
+                            f'["{store_mnt}/store:ref"]\n[storage.options.overlay]\n'
+                            f'mount_program = "{mount_program(work)}"\n')
+        podmans.append(lazy)
+        before = shaper.bytes_down
+        res, t_lazy = lazy.run("lazy: podman run of the eStargz image through the store",
+                               *PODMAN_RUN, f"{link}/demo/python:esgz", *COMMAND)
+        lazy_bytes = shaper.bytes_down - before
+        say(f"    output: {res.stdout.strip()!r}; {mb(lazy_bytes)} over the link")
+        before = shaper.bytes_down
+        res, t_warm = lazy.run("lazy again: a second container (files cached locally)",
+                               *PODMAN_RUN, f"{link}/demo/python:esgz", *COMMAND)
+        say(f"    output: {res.stdout.strip()!r}; {mb(shaper.bytes_down - before)} over "
+            f"the link")
+
+        say(f"\ncold start: {t_lazy:.2f} s lazily vs {t_plain:.2f} s with a full pull "
+            f"({t_lazy / t_plain:.2f}x); {mb(lazy_bytes)} vs {mb(plain_bytes)} transferred")
+        res = subprocess.run(CLI + ["status", "--state-dir", os.path.join(work, "state"),
+                                    "--config", config], capture_output=True, text=True)
+        say("\nstargz-overlay status:")
+        say("    " + (res.stdout or res.stderr).strip().replace("\n", "\n    "))
+        if args.json:
+            print(json.dumps({"plain_seconds": t_plain, "lazy_seconds": t_lazy,
+                              "warm_seconds": t_warm, "plain_bytes": plain_bytes,
+                              "lazy_bytes": lazy_bytes, "rtt_ms": args.rtt_ms,
+                              "mbit": args.mbit}))
+    finally:
+        say("\ncleaning up ...")
+        for p in podmans:
+            p.cleanup()
+        if store_mnt:
+            subprocess.run(CLI + ["store", "--unmount", store_mnt], capture_output=True,
+                           timeout=60)
+            from stargz_overlay.store import index_path
+            try:
+                os.unlink(index_path(store_mnt))
+            except OSError:
+                pass
+        kill_leftovers(work)
+        if shaper is not None:
+            shaper.stop()
+        if registry is not None:
+            registry.stop()
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        say("done")
 
 
 def main():
-    stdlib = sysconfig.get_paths()["stdlib"]
-    with tempfile.TemporaryDirectory(prefix="stargz-demo-") as tmp:
-        layer = os.path.join(tmp, "layer.tar")
-        start = time.monotonic()
-        with tarfile.open(layer, "w") as tar:
-            tar.add(stdlib, arcname="usr/lib/python3", filter=lambda i: None
-                    if "__pycache__" in i.name or "site-packages" in i.name else i)
-        size = os.path.getsize(layer)
-        print(f"[{time.monotonic() - start:6.2f} s] packed {stdlib} into a "
-              f"{size / 1e6:.1f} MB tar layer")
-        prio = os.path.join(tmp, "startup-files")
-        with open(prio, "w") as f:
-            f.write("usr/lib/python3/os.py\nusr/lib/python3/site.py\n")
-        blob = os.path.join(tmp, "layer.esgz")
-        out = step("converted it to eStargz (os.py and site.py prioritized)",
-                   CLI + ["convert", layer, blob, "--prioritized-files", prio])
-        print("    " + out.strip().replace("\n", "\n    "))
-        listing = step("listed the layer from its TOC only", CLI + ["ls", blob])
-        print(f"    {len(listing.splitlines())} entries, e.g.:")
-        for line in listing.splitlines()[1:4]:
-            print("    " + line)
-        text = step("read one file, verified against its chunk digests",
-                    CLI + ["cat", blob, "usr/lib/python3/this.py"])
-        print(f"    usr/lib/python3/this.py: {len(text)} characters")
-        out = step("verified every chunk and file digest", CLI + ["verify", blob])
-        print("    " + out.strip())
-        with tarfile.open(blob, "r:gz") as tar:
-            print(f"    still a plain tar.gz: {len(tar.getnames())} tar entries")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rtt-ms", type=float, default=30.0, help="link round trip (ms)")
+    parser.add_argument("--mbit", type=float, default=100.0, help="link bandwidth (Mbit/s)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    try:
+        demo(args)
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
