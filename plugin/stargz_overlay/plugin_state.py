@@ -98,11 +98,7 @@ class PluginState:
         label = f"layer{slot}({spec.describe()})"
         if spec.kind in ("store", "store-layer"):   # Podman/CRI-O integration: store_view.py
             from .store_view import load_layer
-            slot_id, fd = load_layer(self, spec, workdir, label)
-            view = self.views[slot_id]
-            if spec.kind == "store-layer" and isinstance(view, LayerView):
-                LayerFetch(view, self.fetch, spec.digest)   # prefetch, background, metrics
-            return slot_id, fd
+            return load_layer(self, spec, workdir, label)   # store-layer: back through here
         layer_id = spec.digest or f"file:{spec.path}"
         try:
             reader = self._open_reader(spec, label, layer_id)
