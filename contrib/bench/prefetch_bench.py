@@ -18,6 +18,8 @@ Timed, each from a cold cache (and a fresh podman storage for the legacy run):
   lazy+prefetch   stargz-overlay mount --image (optimized) + chroot MNT python3 -c ...
   lazy            the same with noprefetch = true (file-at-a-time fetching)
   lazy-plain      the plain eStargz image (no landmark region; prefetch has nothing to do)
+  podman-lazy     podman pull + podman run of the optimized image through the
+                  Additional Layer Store (stargz-overlay store) and the mount program
   legacy          podman pull (gzip image) + podman run python3 -c ...
 
 and two references: ``local`` (the lazy+prefetch start with a warm cache and an
@@ -178,6 +180,42 @@ class Podman:
                        timeout=120)
 
 
+class PodmanLazy(Podman):
+    """podman with ``stargz-overlay store`` as its Additional Layer Store and the mount
+    program: ``podman pull`` + ``run`` of an eStargz image fetch only what runs."""
+
+    def __init__(self, tmp, name, host):
+        self.dir = os.path.join(tmp, name)
+        os.makedirs(self.dir)
+        self.lazy = Lazy(self.dir, "plugin", host)
+        self.als = os.path.join(self.dir, "als")
+        wrapper = os.path.join(self.dir, "stargz-overlay-mount")
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\nPYTHONPATH={os.path.join(ROOT, 'plugin')} exec "
+                    f"{sys.executable} -m stargz_overlay.mount_program \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        conf = os.path.join(self.dir, "storage.conf")
+        # (a short run root: conmon waits 20 s for long ones)
+        self.runroot = tempfile.mkdtemp(prefix="szb-", dir="/tmp")
+        with open(conf, "w") as f:
+            f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{self.dir}/graph"\n'
+                    f'runroot = "{self.runroot}"\n[storage.options]\n'
+                    f'additionallayerstores = ["{self.als}/store:ref"]\n'
+                    f'[storage.options.overlay]\nmount_program = "{wrapper}"\n')
+        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=conf,
+                        CONTAINERS_REGISTRIES_CONF=registries_conf(
+                            os.path.join(self.dir, "registries.conf"), [host]))
+        run(CLI + ["store", self.als, "--state-dir", os.path.join(self.dir, "state"),
+                   "--config", self.lazy.config], env=self.lazy.env)
+
+    def cleanup(self):
+        super().cleanup()
+        run(CLI + ["store", "--unmount", self.als], check=False)
+        if os.path.ismount(self.als):
+            subprocess.run(["fusermount3", "-uz", self.als], capture_output=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
+
+
 def build_image(kind, layout):
     """``oci:`` reference of the benchmark image ``kind``."""
     if kind == "python":
@@ -224,6 +262,8 @@ def main():
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--no-legacy", action="store_true", help="skip the podman run")
+    parser.add_argument("--no-podman-lazy", action="store_true",
+                        help="skip podman through the layer store and mount program")
     parser.add_argument("--image", choices=("python", "python-gcc"), default="python")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each start (median)")
     args = parser.parse_args()
@@ -294,6 +334,16 @@ def main():
                     runs.setdefault("local", []).append(row)
                     print(f"{'local':14} {row['total_s']:6.2f} s (warm cache, no shaping)",
                           flush=True)
+            if not args.no_podman_lazy:
+                podman = PodmanLazy(tmp, f"podman-lazy.{n}", shaped)
+                before = shaper.bytes_down
+                try:
+                    row = podman.timed_start(f"{shaped}/bench/python:esgz")
+                finally:
+                    podman.cleanup()
+                row["link_bytes"] = shaper.bytes_down - before
+                runs.setdefault("podman-lazy", []).append(row)
+                print(f"{'podman-lazy':14} {row['total_s']:6.2f} s", flush=True)
             if not args.no_legacy:
                 podman = Podman(tmp, f"podman.{n}", shaped)
                 before = shaper.bytes_down
@@ -322,7 +372,7 @@ def main():
         print(f"{'start':14} {'median s':>8} {'x floor':>8} {'x legacy':>9} {'MB fetched':>11}"
               f"  runs")
         legacy = rows.get("legacy", {}).get("total_s")
-        for name in ("lazy+prefetch", "lazy", "lazy-plain", "legacy"):
+        for name in ("lazy+prefetch", "lazy", "lazy-plain", "podman-lazy", "legacy"):
             if name not in rows:
                 continue
             row = rows[name]
