@@ -11,6 +11,8 @@ or strings such as ``"16MiB"``)::
     log_level = "info"          # debug, info, warning, error
     log_reads = false           # log every blob read (offset, length): tests, debugging
     log_calls = false           # log every plugin callback with its arguments (debug level)
+    record_file = ""            # append every open/stat/readlink, per layer, to this file
+                                # (``convert --optimize`` records a workload this way)
     fsync = false               # fdatasync cache files before publishing them (cached
                                 # files are re-hashed on first use by each mount anyway)
     noprefetch = false          # no prefetch of prioritized files (.prefetch.landmark)
@@ -126,6 +128,7 @@ class Config:
     log_level: str = "info"
     log_reads: bool = False
     log_calls: bool = False
+    record_file: str = ""
     fsync: bool = False
     noprefetch: bool = False
     prefetch_size: Size = Size(0)
@@ -216,6 +219,7 @@ def finish(config, base=None):
     config.cache_dir = _resolve(base, config.cache_dir)
     config.log_file = _resolve(base, config.log_file)
     config.metrics_dir = _resolve(base, config.metrics_dir)
+    config.record_file = _resolve(base, config.record_file)
     for key in ("registries_conf", "auth_file", "certs_dir"):
         setattr(config.registry, key, _resolve(base, getattr(config.registry, key)))
     if not config.cache_dir:

@@ -340,21 +340,28 @@ class LayerView:
 
     # -- opening --
 
-    def open(self, path, flags):
-        """A real O_RDONLY fd for ``path``: whole verified file, or a real directory."""
+    def resolve(self, path, follow=True):
+        """``(name, Entry or None, [symlinks followed])`` for ``path`` within this layer."""
         name = normalize(path)
         entry = self.paths.get(name)
-        hops = 0
-        while entry is not None and entry.type == "symlink":
-            if flags & os.O_NOFOLLOW:
+        hops = []
+        while follow and entry is not None and entry.type == "symlink":
+            if len(hops) >= 40:
                 raise fs_error(errno.ELOOP)
-            hops += 1
-            if hops > 40:
-                raise fs_error(errno.ELOOP)
+            hops.append(name)
             target = entry.link_name
             base = "" if target.startswith("/") else posixpath.dirname(name)
             name = normalize(posixpath.join(base, target))
             entry = self.paths.get(name)
+        return name, entry, hops
+
+    def open(self, path, flags):
+        """A real O_RDONLY fd for ``path``: whole verified file, or a real directory."""
+        if flags & os.O_NOFOLLOW:
+            link = self.paths.get(normalize(path))
+            if link is not None and link.type == "symlink":
+                raise fs_error(errno.ELOOP)
+        name, entry, _ = self.resolve(path)
         if entry is None:
             raise fs_error(errno.ENOENT)
         if entry.type == "dir":

@@ -17,6 +17,7 @@ import os
 
 from _stargz_plugin import ffi, lib
 
+from .access_log import AccessLog
 from .errors import StargzError
 from .layer_view import normalize
 from .plugin_state import STATE
@@ -85,6 +86,21 @@ def _traced(fn):
 
 def _path(p):
     return os.fsdecode(ffi.string(p))
+
+
+_RECORD = []   # [AccessLog] once the configuration names a record_file
+
+
+def _record(l, op, path):
+    """Append a successful access to the ``record_file`` (``convert --optimize``)."""
+    if not STATE.config.record_file:
+        return
+    if not _RECORD:
+        _RECORD.append(AccessLog(STATE.config.record_file))
+    try:
+        _RECORD[0].record(_view(l), op, _path(path))
+    except OSError as exc:
+        log.error("cannot write the access record %s: %s", STATE.config.record_file, exc)
 
 
 def _view(l):
@@ -179,6 +195,7 @@ def sz_file_exists(l, path):
 def sz_statat(l, path, st, flags, mask):
     view = _view(l)
     lib.sz_fill_stat(st, *view.stat_fields(view.lookup(_path(path))))
+    _record(l, "stat", path)
     return 0
 
 
@@ -237,7 +254,9 @@ def sz_closedir_cb(dirp):
 @_traced
 def sz_openat(l, path, flags, mode):
     STATE.touch()
-    return _view(l).open(_path(path), flags)
+    fd = _view(l).open(_path(path), flags)
+    _record(l, "open", path)
+    return fd
 
 
 @ffi.def_extern(error=-1, onerror=_onerror)
@@ -256,6 +275,7 @@ def sz_getxattr(l, path, name, buf, size):
 @_traced
 def sz_readlinkat(l, path, buf, bufsiz):
     target = _view(l).readlink(_path(path))[:bufsiz]
+    _record(l, "readlink", path)
     ffi.memmove(buf, target, len(target))
     return len(target)
 

@@ -10,6 +10,7 @@ from ..errors import StargzError
 from ..image_convert import ConvertOptions, ImageConverter, describe, is_image_spec, open_endpoint
 from ..progress import Progress
 from ..reader import StargzReader
+from ..record import add_record_options, merge, record_for_convert
 from ..registry import RegistryClient, open_layer_source
 from ..writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
 from .analyze import add_workload_options, analyze_for_convert
@@ -45,6 +46,10 @@ def convert_image(args, prioritized):
     client = RegistryClient()
     if args.analyze:
         options.prioritized_by_layer = analyze_for_convert(args.input, args, client)
+    if args.optimize:             # recorded first, then what the analysis adds
+        options.prioritized_by_layer = merge(record_for_convert(args.input, args, client),
+                                             options.prioritized_by_layer)
+        options.reconvert = True  # reorder layers that are already eStargz too
     src = open_endpoint(args.input, client)
     dst = open_endpoint(args.output, client, create=True)
     report = ImageConverter(src, dst, options).run()
@@ -60,8 +65,9 @@ def cmd_convert(args):
     prioritized = _read_list(args.prioritized_files) if args.prioritized_files else None
     if is_image_spec(args.input) or is_image_spec(args.output):
         return convert_image(args, prioritized)
-    if args.analyze:
-        raise StargzError("--analyze needs an image to convert (docker://REF or oci:DIR[:TAG])")
+    if args.analyze or args.optimize:
+        raise StargzError("--analyze and --optimize need an image to convert "
+                          "(docker://REF or oci:DIR[:TAG])")
     try:
         source = open(args.input, "rb")
     except OSError as exc:
@@ -206,6 +212,7 @@ def register(subparsers):
                    help="images: infer the files the entrypoint reads at startup (see the "
                         "analyze command) and put them first in each layer")
     add_workload_options(p)
+    add_record_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_convert)
 
