@@ -37,8 +37,8 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "stargz_overlay"]
 COMMAND = ["python3", "-c", "print('hello')"]
-PODMAN_RUN = ["run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
-              "--ulimit", "nproc=1024:1024"]
+PODMAN_RUN = ["run", "--network", "none", "--ulimit", "nofile=1024:1024",
+              "--ulimit", "nproc=1024:1024"]    # (no --rm: see Podman.run)
 IMAGE_PACKAGES = ("libc6", "dash", "coreutils", "python3-minimal", "python3.11",
                   "python3.11-minimal", "libpython3.11-stdlib", "libpython3.11-minimal")
 
@@ -134,7 +134,18 @@ class Podman:
                 "--events-backend", "none", *args]
 
     def run(self, title, *args, timeout=600):
-        return timed(title, self.argv(*args), env=self.env, timeout=timeout)
+        """Time ``podman ARGS`` (a ``run``: the container is removed afterwards).
+
+        Not ``run --rm``: under load Podman 4.3.1 sometimes loses the exit code of a
+        ``--rm`` container that exits at once ("no such exit code").
+        """
+        name = f"demo-{uuid.uuid4().hex[:8]}"
+        args = (args[0], "--name", name) + args[1:]
+        try:
+            return timed(title, self.argv(*args), env=self.env, timeout=timeout)
+        finally:
+            subprocess.run(self.argv("rm", "-f", "-t", "0", name), env=self.env,
+                           capture_output=True, timeout=120)
 
     def cleanup(self):
         for args in (("rm", "-af", "-t", "0"), ("rmi", "-af"), ("system", "reset", "-f")):

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -277,7 +278,15 @@ def env(tmp_path_factory):
 
 
 def run(env, image, *cmd, extra=(), check=True, timeout=120):
-    """``podman run --rm`` in the test environment; returns the CompletedProcess."""
-    return env.podman("run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
-                      "--ulimit", "nproc=1024:1024", *extra, image, *cmd, check=check,
-                      timeout=timeout)
+    """``podman run`` in the test environment, then ``podman rm``; the CompletedProcess.
+
+    (Not ``--rm``: under load Podman 4.3.1 sometimes loses the exit code of a
+    ``--rm`` container that exits at once, "no such exit code".)
+    """
+    name = f"t{uuid.uuid4().hex[:12]}"
+    try:
+        return env.podman("run", "--name", name, "--network", "none", "--ulimit",
+                          "nofile=1024:1024", "--ulimit", "nproc=1024:1024", *extra, image,
+                          *cmd, check=check, timeout=timeout)
+    finally:
+        env.podman("rm", "-f", "-t", "0", name, check=False)
