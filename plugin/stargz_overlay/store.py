@@ -95,10 +95,16 @@ def user_config(state_dir):
     """A configuration for an unprivileged store (cache and log under the user's dirs)."""
     path = os.path.join(state_dir, "config.toml")
     if not os.path.exists(path):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         text = (f'# written by "stargz-overlay store" for an unprivileged user\n'
                 f'cache_dir = {json.dumps(os.path.join(cache, "stargz-overlay"))}\n'
                 f'log_file = {json.dumps(os.path.join(state_dir, "plugin.log"))}\n')
+        from dataclasses import fields
+        from .config import Config
+        if "metrics_dir" in {f.name for f in fields(Config)}:
+            metrics = os.path.join(runtime_dir(), "stargz-overlay", "metrics")
+            text += f"metrics_dir = {json.dumps(metrics)}\n"
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
     return path

@@ -8,6 +8,13 @@ from ..errors import StargzError
 
 
 def cmd_store(args):
+    try:
+        return _store(args)
+    except OSError as exc:
+        raise StargzError(f"{exc.filename or 'store'}: {exc.strerror}") from None
+
+
+def _store(args):
     from .. import store
     mountpoint = args.mountpoint or store.default_mountpoint()
     if args.unmount:
