@@ -105,7 +105,7 @@ def hostile_entry(draw):
     return e
 
 
-@fuzz(1500)
+@fuzz(900)
 @given(st.lists(hostile_entry(), max_size=15), st.integers(0, 3))
 def test_hostile_toc_structures(entries, nesting):
     doc = {"version": 1, "entries": entries}
