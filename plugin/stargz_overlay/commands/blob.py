@@ -65,9 +65,10 @@ def cmd_convert(args):
     prioritized = _read_list(args.prioritized_files) if args.prioritized_files else None
     if is_image_spec(args.input) or is_image_spec(args.output):
         return convert_image(args, prioritized)
-    if args.analyze or args.optimize:
-        raise StargzError("--analyze and --optimize need an image to convert "
-                          "(docker://REF or oci:DIR[:TAG])")
+    for flag in ("analyze", "optimize"):
+        if getattr(args, flag):
+            raise StargzError(f"--{flag} needs an image to convert (docker://REF or "
+                              f"oci:DIR[:TAG])")
     try:
         source = open(args.input, "rb")
     except OSError as exc:
