@@ -384,6 +384,7 @@ class Writer:
         self.stop = threading.Event()
         self._next_gc = time.monotonic() + min(config.directory_cache.gc_interval_sec, 30.0)
         self.thread = None
+        self._warned = False
 
     def start(self):
         from .fetch_control import start_thread
@@ -394,7 +395,9 @@ class Writer:
             write_files(self.config.metrics_dir, self.metrics.snapshot(self.cache),
                         prometheus=not self.config.no_prometheus)
         except OSError as exc:
-            log.warning("cannot write metrics to %s: %s", self.config.metrics_dir, exc)
+            (log.debug if self._warned else log.warning)(
+                "cannot write metrics to %s: %s", self.config.metrics_dir, exc)
+            self._warned = True
 
     def _run(self):
         period = self.config.metrics_period_sec
