@@ -58,6 +58,7 @@ GZIP_COMPRESSION = 2            # containers/storage archive.Gzip
 RETRY_AFTER = 2.0               # seconds before a transient failure is retried
 REF_TTL = 30.0                  # a resolved tag answers unknown digests for this long
 BLOB_BLOCK = 4 << 20
+RESOLVERS = 4                   # layers of one image resolved in parallel
 DT_DIR, DT_REG = 4, 8
 
 
@@ -196,8 +197,11 @@ class StoreView:
         self._lock = threading.RLock()
         self._registry = None
         self._images = {}         # ref -> (Image, monotonic time)
+        self._image_locks = {}    # ref -> Lock (one manifest fetch at a time per ref)
         self._layers = {}         # (ref, name) -> _Layer
         self._views = {}          # blob digest -> LayerView
+        self._tasks = {}          # (ref, name) -> Future of the _Layer being resolved
+        self._pool = None
         self._slots = {}          # blob digest -> slot (stable inode ranges)
         self._next_slot = slot + 1
         self._lock_fd = self._lock_workdir()
@@ -236,6 +240,8 @@ class StoreView:
         os.chmod(self.marker, 0o444)
 
     def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         for view in list(self._views.values()):
             view.close()
         self._views.clear()
@@ -394,36 +400,63 @@ class StoreView:
         return self._registry
 
     def _layer(self, ref, name):
-        """The _Layer for ``<ref>/<name>``, resolved (or re-tried) as needed."""
+        """The _Layer for ``<ref>/<name>``, resolved (or re-tried) as needed.
+
+        containers/storage asks for an image's layers one after the other; the
+        first lookup resolves the manifest and then every layer of the image in
+        parallel (footer and TOC reads), so the next lookups find them ready.
+        """
         with self._lock:
             layer = self._layers.get((ref, name))
             if layer is not None and (layer.lazy or layer.permanent
                                       or time.monotonic() - layer.when < RETRY_AFTER):
                 return layer
-            layer = _Layer(ref, name)
+            task = self._tasks.get((ref, name))
+            if task is None or task.done():     # never asked, or a stale failure
+                task = self._submit(ref, name, siblings=True)
+        return task.result()
+
+    def _submit(self, ref, name, siblings):
+        """Resolve ``<ref>/<name>`` on a worker thread (called with the lock held)."""
+        if self._pool is None:      # first lookup: in the serving daemon, never pre-fork
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(RESOLVERS, thread_name_prefix="sz-store")
+        task = self._pool.submit(self._resolve_named, ref, name, siblings)
+        self._tasks[(ref, name)] = task
+        return task
+
+    def _resolve_named(self, ref, name, siblings):
+        layer = _Layer(ref, name)
+        started = time.monotonic()
+        try:
+            self._resolve_layer(layer, siblings)
+        except DigestMismatch as exc:
+            self._absent(layer, f"TOC does not match the manifest's TOC digest "
+                                f"annotation: {exc}", permanent=True)
+        except FormatError as exc:
+            self._absent(layer, f"not a usable stargz layer: {exc}", permanent=True)
+        except StargzError as exc:
+            self._absent(layer, f"cannot resolve it now ({exc}); asked again after "
+                                f"{RETRY_AFTER:.0f} s", permanent=False)
+        except OSError as exc:
+            self._absent(layer, f"local error: {exc}", permanent=False)
+        except Exception as exc:        # noqa: BLE001 - a worker must always answer
+            log.exception("%s %s: resolving failed", ref, name)
+            self._absent(layer, f"internal error: {exc}", permanent=False)
+        layer.when = time.monotonic()
+        if layer.lazy:
+            log.info("%s %s: served lazily (%s; resolved in %.2f s)", ref, name,
+                     layer.reason, layer.when - started)
+        else:
+            log.warning("%s %s: not served lazily, containers/storage pulls it: %s",
+                        ref, name, layer.reason)
+        with self._lock:
+            old = self._layers.get((ref, name))
+            if old is not None:
+                layer.uses, layer.releases = old.uses, old.releases
             self._layers[(ref, name)] = layer
-            started = time.monotonic()
-            try:
-                self._resolve_layer(layer)
-            except DigestMismatch as exc:
-                self._absent(layer, f"TOC does not match the manifest's TOC digest "
-                                    f"annotation: {exc}", permanent=True)
-            except FormatError as exc:
-                self._absent(layer, f"not a usable stargz layer: {exc}", permanent=True)
-            except StargzError as exc:
-                self._absent(layer, f"cannot resolve it now ({exc}); asked again after "
-                                    f"{RETRY_AFTER:.0f} s", permanent=False)
-            except OSError as exc:
-                self._absent(layer, f"local error: {exc}", permanent=False)
-            layer.when = time.monotonic()
-            if layer.lazy:
-                log.info("%s %s: served lazily (%s; resolved in %.2f s)", ref, name,
-                         layer.reason, layer.when - started)
-            else:
-                log.warning("%s %s: not served lazily, containers/storage pulls it: %s",
-                            ref, name, layer.reason)
-            self._save(layer)
-            return layer
+        self._save(layer)
+        return layer
 
     def _absent(self, layer, reason, permanent):
         layer.lazy = False
@@ -432,6 +465,12 @@ class StoreView:
 
     def _image(self, ref, name):
         """The image ``ref`` as resolved recently, fetched again for an unknown digest."""
+        with self._lock:
+            guard = self._image_locks.setdefault(ref, threading.Lock())
+        with guard:
+            return self._image_locked(ref, name)
+
+    def _image_locked(self, ref, name):
         cached = self._images.get(ref)
         if cached is not None:
             image, when = cached
@@ -463,11 +502,18 @@ class StoreView:
                 return other
         return None
 
-    def _resolve_layer(self, layer):
+    def _resolve_layer(self, layer, siblings=False):
         from .reader import StargzReader
         if not _is_digest(layer.name):
             raise FormatError(f"{layer.name!r} is not a layer digest")
         image = self._image(layer.ref, layer.name)
+        if siblings:
+            with self._lock:
+                for other in image.layers:
+                    key = (layer.ref, other.digest)
+                    if (other.digest != layer.name and key not in self._layers
+                            and key not in self._tasks):
+                        self._submit(layer.ref, other.digest, siblings=False)
         found = _find_layer(image, layer.name)
         if found is None:
             other = self._other_platforms(image, layer.name)
@@ -483,12 +529,12 @@ class StoreView:
         layer.size = desc.size
         layer.doc = {"media_type": desc.media_type, "size": desc.size, "index": index,
                      "toc": desc.toc_digest, "manifest_digest": image.manifest_digest}
-        kind = self._client().classify_layer(image, desc)
+        client = self._client()
+        kind = client.classify_layer(image, desc)       # the footer: one small read
         if kind.kind is None:
             self._absent(layer, kind.reason,
                          permanent=not kind.reason.startswith("could not read"))
             return
-        layer.doc["kind"] = kind.kind
         if desc.toc_digest is None:
             self._absent(layer, f"{kind.kind} layer without a TOC digest annotation: its TOC "
                                 f"cannot be verified", permanent=True)
@@ -498,16 +544,23 @@ class StoreView:
             self._absent(layer, f"the image config lists {len(diff_ids)} diff IDs for "
                                 f"{len(image.layers)} layers", permanent=True)
             return
-        view = self._views.get(desc.digest)
+        with self._lock:
+            view = self._views.get(desc.digest)
         if view is None:
             label = f"store({layer.ref} {desc.digest[:19]})"
-            source = _Counting(
-                self._client().blob_source(image.reference, desc.digest, desc.size), label,
-                self.config.log_reads)
-            reader = StargzReader(source, toc_digest=desc.toc_digest, toc_offset=kind.toc_offset)
-            view = self._open_view(desc.digest, reader, label)
+            counted = _Counting(client.blob_source(image.reference, desc.digest, desc.size),
+                                label, self.config.log_reads)
+            reader = StargzReader(counted, toc_digest=desc.toc_digest,
+                                  toc_offset=kind.toc_offset)
+            with self._lock:
+                view = self._views.get(desc.digest) or self._open_view(desc.digest, reader,
+                                                                       label)
             files, file_bytes = self.store.write_files(desc.digest, reader.toc)
             layer.doc.update(files=files, file_bytes=file_bytes)
+        kind_name = view.reader.kind
+        layer.doc["kind"] = kind_name
+        reason = (f"{'eStargz' if kind_name == 'estargz' else 'legacy stargz'} footer, TOC "
+                  f"verified against the toc.digest annotation")
         info = {"compressed-diff-digest": desc.digest, "compressed-size": desc.size,
                 "diff-digest": diff_ids[index], "compression": GZIP_COMPRESSION}
         if desc.uncompressed_size is not None:
@@ -518,7 +571,7 @@ class StoreView:
         layer.doc["diff_id"] = diff_ids[index]
         layer.lazy = True
         layer.permanent = True
-        layer.reason = kind.reason
+        layer.reason = reason
 
     def _open_view(self, digest, reader, label):
         slot = self._slots.get(digest)
