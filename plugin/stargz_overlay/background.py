@@ -14,7 +14,10 @@ registry outage no longer matters to its containers.
 """
 
 import copy
+import fcntl
+import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,6 +29,7 @@ log = logging.getLogger("stargz_overlay.plugin")
 
 MAX_GAP = 256 << 10           # bytes of already-local files a range may span to stay one request
 RETRY_DELAYS = (5, 15, 60, 300)
+OTHER_MOUNT_RECHECK = 2       # seconds, while another mount fetches our layers
 
 
 def spans(entries, span_size, max_gap=MAX_GAP):
@@ -84,29 +88,62 @@ class BackgroundFetcher:
         while True:
             self.ctx.gate.wait_quiet()
             jobs = queue.Queue()
+            held = []
             for layer in self.layers:
                 if layer.closed or layer.complete:
                     continue
+                lock = self._claim(layer)
+                if lock is None:
+                    layer.stats.background = "other mount"
+                    continue
+                held.append(lock)
                 layer.stats.background = "running"
                 missing = [e for e in layer.entries if e.ino not in layer.local and e.chunks]
                 missing.sort(key=lambda e: e.chunks[0].offset)
                 for span in spans(missing, self.cfg.span_size):
                     jobs.put((layer, span))
-            if jobs.empty() and self._finish():
-                return
-            workers = [start_thread(f"sz-bgfetch{i}", self._worker, jobs)
-                       for i in range(self.cfg.concurrency)]
-            for worker in workers:
-                worker.join()
+            try:
+                if jobs.empty() and self._finish():
+                    return
+                workers = [start_thread(f"sz-bgfetch{i}", self._worker, jobs)
+                           for i in range(self.cfg.concurrency)]
+                for worker in workers:
+                    worker.join()
+            finally:
+                for fd in held:
+                    os.close(fd)
             if self._finish():
                 return
-            delay = RETRY_DELAYS[min(rounds, len(RETRY_DELAYS) - 1)]
-            rounds += 1
-            log.info("background fetch: %s; retrying in %d s",
+            if not held:        # only layers another mount is fetching: look again soon
+                delay = OTHER_MOUNT_RECHECK
+            else:
+                delay = RETRY_DELAYS[min(rounds, len(RETRY_DELAYS) - 1)]
+                rounds += 1
+            log.info("background fetch: %s; looking again in %d s",
                      ", ".join(f"{layer.view.label} {len(layer.local)}/{len(layer.entries)} "
                                f"files local" for layer in self.layers if not layer.complete),
                      delay)
             time.sleep(delay)
+
+    def _claim(self, layer):
+        """An flock'ed fd saying "this process fetches ``layer`` in the background", or
+        None while another mount of the same layer does (its files then arrive in the
+        shared cache, and a later round finds them there)."""
+        directory = os.path.join(self.ctx.cache.root, "background")
+        name = hashlib.sha256(layer.id.encode()).hexdigest()
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        except OSError as exc:
+            log.warning("cannot coordinate background fetching in %s: %s", directory, exc)
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)   # fetch uncoordinated
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def _finish(self):
         """Mark complete layers; True when nothing is left to fetch."""
@@ -120,7 +157,8 @@ class BackgroundFetcher:
                     log.info("%s: 100%% local (%d files, %d bytes); background fetch done",
                              layer.view.label, len(layer.entries), layer.stats.file_bytes)
             else:
-                layer.stats.background = "retrying"
+                if layer.stats.background != "other mount":
+                    layer.stats.background = "retrying"
                 left = True
         return not left
 

@@ -328,6 +328,40 @@ def test_background_fetch_makes_layers_local_then_survives_an_outage(tmp_path, s
         reg.start()
 
 
+def test_two_mounts_of_a_layer_fetch_it_once_in_the_background(tmp_path, so, mounts, links,
+                                                               images):
+    """The second mount leaves the layers to the first one's background fetch (an flock
+    in the cache) and finds them in the shared cache."""
+    app, base = images["app"], images["base"]
+    link = links(mbit=24, rtt_ms=5)          # slow enough for the two to overlap
+    cfg = config_for(tmp_path, link, no_background_fetch=False, noprefetch=True,
+                     tables={"background_fetch": {"silence_period_msec": 200}})
+    made = []
+    for name in ("one", "two"):
+        lowers = []
+        for i, layer in enumerate((app, base)):
+            spec = LayerSpec("registry", ref=f"{link.host}/fetch/app:1",
+                             digest=layer.result.blob_digest, toc=layer.result.toc_digest,
+                             size=layer.size, config=cfg)
+            lowers.append(plugin_lower(spec, tmp_path / f"{name}.l{i}"))
+        m = mounts(tmp_path / name, lowers, so=so)
+        m.mount()
+        os.listdir(m.mnt)
+        made.append(m)
+
+    def all_done():
+        snaps = read_snapshots(str(tmp_path / "metrics"))
+        return len(snaps) == 2 and all(x["local_bytes"] == x["file_bytes"]
+                                       for snap in snaps for x in snap["layers"])
+    wait_for(all_done, timeout=60, what="both mounts 100% local")
+    for layer in (app, base):
+        data = [range_len(g[2]) for g in gets_for(link, layer)
+                if not g[2].endswith(f"-{layer.size - 1}")]          # not the footer/TOC
+        assert sum(data) <= layer.size, (layer.size, data)           # one copy, not two
+    for m in made:
+        assert read(m, "app/big") == OTHER["app/big"]
+
+
 def test_background_fetch_is_paced(tmp_path, so, mounts, links, images):
     """max_rate_mbit caps the background rate (the base layer: ~2 MB at 4 Mbit/s)."""
     base = images["base"]
