@@ -264,17 +264,19 @@ class _Runner:
             t.start()
         deadline = time.monotonic() + period
         status = None
-        while status is None and not ready.is_set() and time.monotonic() < deadline:
-            try:
-                status = proc.wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                pass
-        if status is None:
-            status = "stopped"
-            self.stop(proc)
-        for t in threads:
-            t.join(timeout=5)
-        self.cleanup()
+        try:
+            while status is None and not ready.is_set() and time.monotonic() < deadline:
+                try:
+                    status = proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:                      # also on ^C: never leave the workload running
+            if status is None:
+                status = "stopped"
+                self.stop(proc)
+            for t in threads:
+                t.join(timeout=5)
+            self.cleanup()
         self.output = output
         return status
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -107,6 +108,19 @@ def test_record_follows_links_to_the_serving_layer(podman, links_image):
     assert rec.by_layer[base].index("bin/cat") < rec.by_layer[base].index("bin/busybox")
     assert set(rec.by_layer[base]) <= {"bin/cat", "bin/busybox"} | PODMAN_READS
     assert any(a.op == "stat" for a in rec.accesses)
+
+
+@pytest.mark.parametrize("how", ["wait-for", "period"])
+def test_long_workloads_stop_at_the_ready_line_or_the_period(podman, links_image, how):
+    script = "cat /data/b; echo ready; sleep 60; cat /etc/motd"
+    kw = {"wait_for": "ready", "period": 30.0} if how == "wait-for" else {"period": 5.0}
+    notes = []
+    started = time.monotonic()
+    rec = record_image(open_endpoint(links_image), entrypoint=["/bin/sh", "-c", script],
+                       note=notes.append, **kw)[0]
+    assert time.monotonic() - started < 40, notes      # not the 60 s sleep
+    assert rec.exit_status == "stopped", notes
+    assert ["data/a"] in rec.by_layer.values()    # read before the stop; motd never read
 
 
 def test_convert_optimize_puts_the_recorded_files_first(podman, links_image, tmp_path):
