@@ -14,8 +14,6 @@ registry outage no longer matters to its containers.
 """
 
 import copy
-import fcntl
-import hashlib
 import logging
 import os
 import queue
@@ -92,7 +90,7 @@ class BackgroundFetcher:
             for layer in self.layers:
                 if layer.closed or layer.complete:
                     continue
-                lock = self._claim(layer)
+                lock = self.ctx.cache.claim("background", layer.id)
                 if lock is None:
                     layer.stats.background = "other mount"
                     continue
@@ -124,26 +122,6 @@ class BackgroundFetcher:
                                f"files local" for layer in self.layers if not layer.complete),
                      delay)
             time.sleep(delay)
-
-    def _claim(self, layer):
-        """An flock'ed fd saying "this process fetches ``layer`` in the background", or
-        None while another mount of the same layer does (its files then arrive in the
-        shared cache, and a later round finds them there)."""
-        directory = os.path.join(self.ctx.cache.root, "background")
-        name = hashlib.sha256(layer.id.encode()).hexdigest()
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                         0o600)
-        except OSError as exc:
-            log.warning("cannot coordinate background fetching in %s: %s", directory, exc)
-            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)   # fetch uncoordinated
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
 
     def _finish(self):
         """Mark complete layers; True when nothing is left to fetch."""

@@ -289,6 +289,31 @@ class ContentCache:
             raise CacheError(f"cannot pin content in {self.root}: {exc.strerror}") from None
         return Pin(self, fd, name)
 
+    # -- coordination between mounts --
+
+    def claim(self, task, key, blocking=False):
+        """An flock'ed fd saying "this process does ``task`` for ``key``" (close it to
+        release; a dying process releases it too), or None if another process holds it
+        and ``blocking`` is False.  Mounts of one layer use it so that only one of them
+        prefetches or background-fetches it; the others find the files in this cache.
+        """
+        directory = os.path.join(self.root, task)
+        name = hashlib.sha256(key.encode()).hexdigest()
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        except OSError as exc:
+            log.warning("cannot coordinate %s with other mounts in %s: %s", task, directory,
+                        exc.strerror)
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)   # go on, uncoordinated
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
     # -- eviction --
 
     def usage(self):

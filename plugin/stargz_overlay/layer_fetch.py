@@ -13,6 +13,7 @@ long as it is mounted.
 
 import errno
 import logging
+import os
 import threading
 import time
 
@@ -157,7 +158,7 @@ class LayerFetch:
                 event = self.pending.get(entry.ino)
                 if event is not None:
                     metrics.inc("prefetch_waits_total", layer=self.id)
-                    if not event.wait(self.ctx.config.prefetch_timeout_sec):
+                    if not self._wait_prefetch(event, digest):
                         log.info("%s: %s: prefetch still running after %.0f s; fetching it "
                                  "directly", view.label, name,
                                  self.ctx.config.prefetch_timeout_sec)
@@ -178,6 +179,20 @@ class LayerFetch:
             raise
         metrics.observe("open_seconds", time.monotonic() - started, result=result)
         return path
+
+    def _wait_prefetch(self, event, digest):
+        """Wait until the prefetch has passed the file (or it appeared in the cache,
+        e.g. from another mount's prefetch); False after prefetch_timeout_sec."""
+        deadline = time.monotonic() + self.ctx.config.prefetch_timeout_sec
+        path = self.ctx.cache.path(digest) if digest else None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if event.wait(min(left, 0.05)):
+                return True
+            if path is not None and os.path.exists(path):
+                return True
 
     def close(self):
         self.closed = True

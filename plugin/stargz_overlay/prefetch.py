@@ -78,7 +78,12 @@ def run(layer, start, end, entries, why):
     view = layer.view
     started = time.monotonic()
     done = failed = 0
+    claim = None
     try:
+        # One mount of a layer prefetches it; another one started at the same time
+        # waits here, then finds the files in the shared cache (its opens meanwhile
+        # watch the cache for their files).
+        claim = layer.ctx.cache.claim("prefetch", layer.id, blocking=True)
         todo = [e for e in entries if not _present(layer, e)]
         wanted = {e.ino for e in todo}
         for entry in entries:
@@ -120,6 +125,8 @@ def run(layer, start, end, entries, why):
                     len(entries), exc)
         return
     finally:
+        if claim is not None:
+            os.close(claim)
         for entry in entries:
             _release(layer, entry)
         layer.stats.prefetch_seconds = time.monotonic() - started

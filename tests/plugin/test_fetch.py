@@ -328,18 +328,11 @@ def test_background_fetch_makes_layers_local_then_survives_an_outage(tmp_path, s
         reg.start()
 
 
-def test_two_mounts_of_a_layer_fetch_it_once_in_the_background(tmp_path, so, mounts, links,
-                                                               images):
-    """The second mount leaves the layers to the first one's background fetch (an flock
-    in the cache) and finds them in the shared cache."""
-    app, base = images["app"], images["base"]
-    link = links(mbit=24, rtt_ms=5)          # slow enough for the two to overlap
-    cfg = config_for(tmp_path, link, no_background_fetch=False, noprefetch=True,
-                     tables={"background_fetch": {"silence_period_msec": 200}})
+def two_mounts(tmp_path, so, mounts, link, images, cfg):
     made = []
     for name in ("one", "two"):
         lowers = []
-        for i, layer in enumerate((app, base)):
+        for i, layer in enumerate((images["app"], images["base"])):
             spec = LayerSpec("registry", ref=f"{link.host}/fetch/app:1",
                              digest=layer.result.blob_digest, toc=layer.result.toc_digest,
                              size=layer.size, config=cfg)
@@ -348,6 +341,43 @@ def test_two_mounts_of_a_layer_fetch_it_once_in_the_background(tmp_path, so, mou
         m.mount()
         os.listdir(m.mnt)
         made.append(m)
+    return made
+
+
+def test_two_mounts_of_a_layer_prefetch_it_once(tmp_path, so, mounts, links, images):
+    """Two containers of one image start together: one region request, not two; the
+    other mount's opens find their files in the shared cache."""
+    app = images["app"]
+    link = links(mbit=24, rtt_ms=5)
+    cfg = config_for(tmp_path, link)
+    made = two_mounts(tmp_path, so, mounts, link, images, cfg)
+    results = {}
+
+    def reader(m):
+        results[m.mnt] = [read(m, name) == data for name, data in PRIO.items()]
+
+    threads = [threading.Thread(target=reader, args=(m,)) for m in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(all(ok) and len(ok) == len(PRIO) for ok in results.values()), results
+    regions = [g for g in gets_for(link, app) if g[2] == f"bytes=0-{app.region[1] - 1}"]
+    assert len(regions) == 1
+    others = [g for g in gets_for(link, app)
+              if g not in regions and not g[2].endswith(f"-{app.size - 1}")]
+    assert sum(range_len(g[2]) for g in others) < app.region[1] / 2     # at most a few files
+
+
+def test_two_mounts_of_a_layer_fetch_it_once_in_the_background(tmp_path, so, mounts, links,
+                                                               images):
+    """The second mount leaves the layers to the first one's background fetch (an flock
+    in the cache) and finds them in the shared cache."""
+    app, base = images["app"], images["base"]
+    link = links(mbit=24, rtt_ms=5)          # slow enough for the two to overlap
+    cfg = config_for(tmp_path, link, no_background_fetch=False, noprefetch=True,
+                     tables={"background_fetch": {"silence_period_msec": 200}})
+    made = two_mounts(tmp_path, so, mounts, link, images, cfg)
 
     def all_done():
         snaps = read_snapshots(str(tmp_path / "metrics"))
