@@ -17,6 +17,7 @@ prioritized files.  Stats are recorded but not prioritized: metadata is in
 the TOC and costs nothing to fetch.
 """
 
+import argparse
 import json
 import os
 import platform as host_platform
@@ -60,6 +61,13 @@ def parse_period(text):
     return float(m.group(1)) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "min": 60}[m.group(2)]
 
 
+def _period_argument(text):
+    try:
+        return parse_period(text)
+    except StargzError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--period {text!r}: ")) from None
+
+
 def add_record_options(parser):
     """``--optimize``, ``--period`` and ``--wait-for`` (``--entrypoint/--args/--env`` are
     the analysis' workload options, shared)."""
@@ -67,7 +75,7 @@ def add_record_options(parser):
                         help="images: run the workload once on a lazy mount, record the files "
                              "it reads and put them first in each layer (needs root, "
                              "fuse-overlayfs; podman or chroot)")
-    parser.add_argument("--period", type=parse_period, default=DEFAULT_PERIOD, metavar="TIME",
+    parser.add_argument("--period", type=_period_argument, default=DEFAULT_PERIOD, metavar="TIME",
                         help="--optimize: stop the workload after this long (default 10s)")
     parser.add_argument("--wait-for", metavar="TEXT",
                         help="--optimize: stop once a stdout line contains TEXT")

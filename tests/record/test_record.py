@@ -16,13 +16,13 @@ import time
 
 import pytest
 
-from stargz_overlay.access_log import AccessLog, read_accesses
+from stargz_overlay.access_log import Access, AccessLog, read_accesses
 from stargz_overlay.elf import parse_elf
 from stargz_overlay.errors import StargzError
 from stargz_overlay.image_convert import open_endpoint
 from stargz_overlay.oci_layout import OCILayout
 from stargz_overlay.reader import StargzReader
-from stargz_overlay.record import host_arch, parse_period, record_image
+from stargz_overlay.record import by_layer, host_arch, merge, parse_period, record_image
 from stargz_overlay.source import FileSource
 
 from ..format.tarbuild import TarBuilder
@@ -67,6 +67,21 @@ def test_period_and_record_lines(tmp_path):
     assert [(a.op, a.path, a.content) for a in got] == [
         ("open", "a\tb\\c\nd", "a\tb\\c\nd"), ("stat", "e", "e")]
     assert read_accesses(str(tmp_path / "missing")) == []
+
+
+def test_lists_per_source_layer_and_merge_with_analysis():
+    acc = [Access("t1", "stat", "usr/bin/x", "usr/bin/x"),
+           Access("t1", "readlink", "usr/bin/x", "usr/bin/x"),
+           Access("t2", "open", "usr/bin/x.1", "usr/bin/x.1"),
+           Access("t1", "open", "lib/b", "lib/a"),         # hardlink: its target's content
+           Access("t1", "opendir", "lib", "lib"),
+           Access("t1", "open", "lib/a", "lib/a"),
+           Access("t9", "open", "elsewhere", "elsewhere")]  # not a layer of this image
+    got = by_layer(acc, {"t1": "sha256:s1", "t2": "sha256:s2"})
+    assert got == {"sha256:s1": ["usr/bin/x", "lib/a"], "sha256:s2": ["usr/bin/x.1"]}
+    merged = merge(got, {"sha256:s1": ["etc/x", "lib/a"], "sha256:s3": ["y"]})
+    assert merged == {"sha256:s1": ["usr/bin/x", "lib/a", "etc/x"],
+                      "sha256:s2": ["usr/bin/x.1"], "sha256:s3": ["y"]}
 
 
 # -- links, layers, platforms (busybox image, seconds) --
