@@ -22,12 +22,12 @@ import sys
 
 import pytest
 
-from .conftest import PKG_PARENT, busybox_tar, estargz, push
+from .conftest import busybox_tar, estargz, push
 from ..imagefixture import tar_layer
 from ..registryfixture import Registry
 
 USER = "szrootless"
-REPO = os.path.dirname(PKG_PARENT)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SYSTEM_PYTHON = "/usr/bin/python3"
 PURE_DEPS = ("requests", "urllib3", "idna", "charset_normalizer", "certifi")
 
@@ -89,7 +89,7 @@ def user():
     for name in ("setup.py", "pyproject.toml", "README.rst"):
         shutil.copy(os.path.join(REPO, name), src)
     shutil.copytree(os.path.join(REPO, "cstub"), os.path.join(src, "cstub"))
-    shutil.copytree(os.path.join(PKG_PARENT, "stargz_overlay"),
+    shutil.copytree(os.path.join(REPO, "plugin", "stargz_overlay"),
                     os.path.join(src, "plugin", "stargz_overlay"),
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     subprocess.run(["chown", "-R", f"{USER}:", src], check=True)

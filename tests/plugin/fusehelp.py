@@ -204,8 +204,12 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def snapshot(root, mtimes=True, dir_mtimes=True, content=True):
-    """Everything observable under ``root``: {relpath: attrs} and hardlink groups."""
+def snapshot(root, mtimes=True, dir_mtimes=True, content=True, written_since=None):
+    """Everything observable under ``root``: {relpath: attrs} and hardlink groups.
+
+    Mtimes at or after ``written_since`` (the test's own writes, done on two mounts
+    one after the other, maybe a second apart) are recorded as "written".
+    """
     entries = {}
     by_ino = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -221,7 +225,8 @@ def snapshot(root, mtimes=True, dir_mtimes=True, content=True):
                    "gid": st.st_gid}
             if mtimes and (dir_mtimes or kind != stat.S_IFDIR) and rel != ".":
                 # (the root's times are the upper dir's own: when it was created)
-                rec["mtime"] = int(st.st_mtime)
+                written = written_since is not None and st.st_mtime >= written_since
+                rec["mtime"] = "written" if written else int(st.st_mtime)
             if kind != stat.S_IFDIR:
                 rec["size"] = st.st_size
                 rec["nlink"] = st.st_nlink
