@@ -158,7 +158,52 @@ class _Workspace:
 
     def cleanup(self):
         _unmount(self.mnt)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _wait_gone(self.mnt)              # the daemon releases its layer directories
+        _remove(self.dir)
+
+
+def _wait_gone(text, timeout=10.0):
+    """Wait until no process has ``text`` on its command line (e.g. a directory)."""
+    needle = os.fsencode(text)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    busy = needle in f.read()
+            except (OSError, ValueError):
+                continue
+            if busy:
+                break
+        if not busy:
+            return
+        time.sleep(0.1)
+
+
+def _mounted_under(path):
+    """Mount points at or below ``path`` (bind mounts included), deepest first."""
+    prefix = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def _remove(path, timeout=10.0):
+    """rm -rf ``path``, retrying while exiting processes (the fuse-overlayfs daemon
+    releasing its layer directories, conmon's clean-up) still write in it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for point in _mounted_under(path):   # podman's private bind mount of its store
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def _unmount(mnt):
@@ -307,7 +352,8 @@ class _Runner:
         if self.podman:
             subprocess.run(self._podman("rm", "-f", self.name), env=self.host_env,
                            capture_output=True, timeout=60)
-            shutil.rmtree(self.runroot, ignore_errors=True)
+            _wait_gone(self.runroot)      # conmon and its clean-up podman, then remove
+            _remove(self.runroot, timeout=3.0)
 
 
 def _workload(config, entrypoint, args, env):

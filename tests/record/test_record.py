@@ -103,9 +103,12 @@ def links_image(tmp_path_factory):
 WORKLOAD = ["/bin/cat", "/data/b", "/data/link", "/etc/motd"]
 
 
-def test_record_follows_links_to_the_serving_layer(podman, links_image):
+def test_record_follows_links_to_the_serving_layer(podman, links_image, tmp_path):
     notes = []
-    recs = record_image(open_endpoint(links_image), entrypoint=WORKLOAD, note=notes.append)
+    recs = record_image(open_endpoint(links_image), entrypoint=WORKLOAD, note=notes.append,
+                        workdir=str(tmp_path))
+    assert os.listdir(tmp_path) == []                 # mount, podman storage: all gone
+    assert str(tmp_path) not in open("/proc/self/mountinfo").read()
     by_platform = {r.platform: r for r in recs}
     skipped = by_platform[f"linux/{foreign_arch()}"]
     assert skipped.skipped and not skipped.by_layer
