@@ -183,15 +183,7 @@ def test_hostile_layer_through_the_cli(case, tmp_path, capsysbinary):
     assert find_marker(MARKER) == []
 
 
-LEGACY_CAT = pytest.mark.xfail(
-    strict=True, reason="commands/blob.py cmd_cat: a file without chunk digests (legacy stargz) "
-    "is read whole with reader.read_file() before writing, so `cat` holds the claimed size in "
-    "memory (547 MiB for this 256 MiB bomb); it could stream iter_file() to a temporary file "
-    "and copy it out once the file digest matched")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=LEGACY_CAT) if c.id.endswith("legacy")
-                                  else c for c in CASES if c.id.startswith("data-")], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith("data-")], ids=str)
 def test_gzip_bombs_stream_through_cat_with_bounded_memory(case, tmp_path):
     """``cat`` of the zero bombs: the verified bytes stream out, memory stays flat."""
     blob = build(case, str(tmp_path / "layer.blob"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -159,15 +160,20 @@ def cmd_cat(args):
         raise StargzError(f"no such file in the layer: {args.path}")
     if entry.type != "reg":
         raise StargzError(f"{args.path} is not a regular file (it is a {entry.type})")
-    if all(c.digest for c in entry.chunks):
-        blocks = reader.iter_file(entry)      # each chunk verified before it is written
-    else:
-        blocks = [reader.read_file(entry)]    # only a whole-file digest: check it first
     out = sys.stdout.buffer
-    for block in blocks:
-        out.write(block)
+    if all(c.digest for c in entry.chunks):
+        for block in reader.iter_file(entry):   # each chunk verified before it is written
+            out.write(block)
+    else:
+        # only a whole-file digest: spool to disk, write out once the digest matched
+        with tempfile.TemporaryFile() as spool:
+            for block in reader.iter_file(entry):
+                spool.write(block)
+            spool.seek(0)
+            shutil.copyfileobj(spool, out, 1 << 20)
     out.flush()
     return 0
+
 
 def cmd_verify(args):
     reader = open_reader(args)
