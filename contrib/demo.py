@@ -126,8 +126,14 @@ class Podman:
         with open(self.conf, "w") as f:
             f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{directory}/graph"\n'
                     f'runroot = "{directory}/run"\n{extra}')
+        # a private engine tmp_dir: podman's default, /run/libpod, is shared by every podman
+        # on the machine, and "system reset" (our clean-up) would wipe it for all of them
+        containers_conf = os.path.join(directory, "containers.conf")
+        with open(containers_conf, "w") as f:
+            f.write(f'[engine]\ntmp_dir = "{directory}/tmp"\n')
         self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=self.conf,
-                        CONTAINERS_REGISTRIES_CONF=registries_conf)
+                        CONTAINERS_REGISTRIES_CONF=registries_conf,
+                        CONTAINERS_CONF=containers_conf)
 
     def argv(self, *args):
         return ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs",

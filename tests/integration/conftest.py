@@ -215,6 +215,13 @@ class StoreEnv:
                              storage_extra=f'[storage.options]\nadditionallayerstores = '
                                            f'["{self.mnt}/store:ref"]',
                              overlay_extra=overlay, registries_conf=self.registries_conf)
+        # podman keeps its "alive" marker in engine.tmp_dir, /run/libpod by default for every
+        # graph root: any "podman system reset" on the machine wipes it, and this podman then
+        # resets its running containers to "created".  A private tmp_dir isolates the tests.
+        containers_conf = os.path.join(self.podman_dir, "containers.conf")
+        with open(containers_conf, "w") as f:
+            f.write(f'[engine]\ntmp_dir = "{self.podman_dir}/tmp"\n')
+        self.podman.env["CONTAINERS_CONF"] = containers_conf
 
     # store
     def start_store(self):
