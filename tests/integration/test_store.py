@@ -205,6 +205,9 @@ def test_foreground_store_notifies_systemd_and_stops_on_sigterm(tmp_path, senv):
             proc.wait()
         subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
         sock.close()
+        from stargz_overlay.store import index_path
+        if os.path.exists(index_path(mnt)):
+            os.unlink(index_path(mnt))
 
 
 def test_store_command_errors(tmp_path, senv):
