@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from .conftest import StoreEnv, busybox_tar, estargz, push, run
+from .conftest import StoreEnv, busybox_tar, estargz, push
 
 CONTRIB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "contrib", "podman")

@@ -26,7 +26,7 @@ def test_plain_lower_dirs_pass_through_unchanged(tmp_path):
     argv = ["-o", f"lowerdir={lowers[0]}:{lowers[1]},upperdir=/u,workdir=/w,,volatile,"
                   'context="system_u:object_r:container_file_t:s0:c1,c2"', "/merged"]
     assert rewrite(argv) == (argv, False)
-    argv = [f"-olowerdir=l/A:l/B,upperdir=u", "-o", "uidmapping=0:1000:1,xattr_permissions=2",
+    argv = ["-olowerdir=l/A:l/B,upperdir=u", "-o", "uidmapping=0:1000:1,xattr_permissions=2",
             "-f", "/merged"]
     assert rewrite(argv, cwd=str(tmp_path)) == (argv, False)
 
