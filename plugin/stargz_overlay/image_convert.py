@@ -284,9 +284,9 @@ class ImageConverter:
         return dict(desc, mediaType=_oci_layer_type(media_type))
 
     def _manifest(self, body, platform, tagged):
-        doc = _json(body, f"{self.src}: manifest")
+        doc = json_object(body, f"{self.src}: manifest")
         config_desc = doc.get("config") or {}
-        config = _json(self.src.small_blob(config_desc["digest"]), f"{self.src}: config")
+        config = json_object(self.src.small_blob(config_desc["digest"]), f"{self.src}: config")
         if not platform:
             platform = "/".join(p for p in (config.get("os"), config.get("architecture"),
                                             config.get("variant")) if p)
@@ -314,7 +314,7 @@ class ImageConverter:
         """Convert the image; returns an ImageReport."""
         body, media_type = self.src.root_manifest()
         if media_type in INDEX_TYPES:
-            index = _json(body, f"{self.src}: index")
+            index = json_object(body, f"{self.src}: index")
             manifests = []
             for desc in index.get("manifests") or []:
                 if desc.get("mediaType") not in (OCI_MANIFEST, DOCKER_MANIFEST):
@@ -343,7 +343,8 @@ def _oci_layer_type(media_type):
             }.get(media_type, media_type)
 
 
-def _json(body, what):
+def json_object(body, what):
+    """``body`` parsed as a JSON object, or a StargzError naming ``what``."""
     try:
         doc = json.loads(body)
     except ValueError:

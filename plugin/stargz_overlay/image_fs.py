@@ -15,7 +15,6 @@ digest, decompressed to a temporary tar and indexed.
 """
 
 import hashlib
-import json
 import os
 import posixpath
 import sys
@@ -27,7 +26,8 @@ from collections import OrderedDict
 from .digests import hasher_digest, sha256_digest
 from .errors import DigestMismatch, FormatError, StargzError
 from .footer import MAX_FOOTER_SIZE, parse_footer
-from .image_convert import LayoutEndpoint, RegistryEndpoint
+from .image_convert import LayoutEndpoint, RegistryEndpoint, json_object
+from .layer_view import CountingSource
 from .progress import Progress, human_bytes
 from .reader import StargzReader, gunzip_prefix
 from .registry import INDEX_TYPES, TOC_DIGEST_ANNOTATION, parse_platform, select_platform
@@ -74,21 +74,6 @@ class Node:
 
 # -- layers -----------------------------------------------------------------
 
-class _Counting:
-    """A blob source that counts the bytes fetched through it."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.size = inner.size
-        self.fetched = 0
-        self.reads = 0
-
-    def read_at(self, offset, length):
-        self.reads += 1
-        self.fetched += length
-        return self.inner.read_at(offset, length)
-
-
 class TocLayer:
     """A stargz/eStargz layer read through its TOC; file chunks fetched on demand."""
 
@@ -97,13 +82,13 @@ class TocLayer:
         self.digest = digest
         self.kind = reader.kind
         self.reader = reader
-        self.source = source          # _Counting
+        self.source = source          # a CountingSource
         self._cache = cache
         self._windows = []            # [(blob offset, compressed bytes)], newest last
 
     @property
     def fetched(self):
-        return self.source.fetched
+        return self.source.bytes
 
     def root(self):
         return self.reader.toc.root
@@ -425,7 +410,7 @@ def open_layer(endpoint, desc, index, total, cache, note, workdir=None):
     if fmt == "gzip":
         source = _random_access(endpoint, digest, size)
         if source is not None and source.size >= 47:
-            counting = _Counting(source)
+            counting = CountingSource(source, f"layer {digest[:19]}", False)
             tail_len = min(counting.size, MAX_FOOTER_SIZE)
             try:
                 footer = parse_footer(counting.read_at(counting.size - tail_len, tail_len),
@@ -465,7 +450,7 @@ def open_layer(endpoint, desc, index, total, cache, note, workdir=None):
 def image_manifests(endpoint, platform=None, all_platforms=False):
     """``[(platform, manifest dict)]`` of an endpoint: one platform, or all of an index."""
     body, media_type = endpoint.root_manifest()
-    doc = _json_doc(body, f"{endpoint}: manifest")
+    doc = json_object(body, f"{endpoint}: manifest")
     if media_type not in INDEX_TYPES and "manifests" not in doc:
         return [("", doc)]
     if all_platforms:
@@ -478,7 +463,7 @@ def image_manifests(endpoint, platform=None, all_platforms=False):
                 continue            # buildkit attestation manifests
             name = "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant"))
                             if x)
-            out.append((name, _json_doc(endpoint.manifest(desc["digest"]),
+            out.append((name, json_object(endpoint.manifest(desc["digest"]),
                                         f"{endpoint}: manifest {desc['digest']}")))
         if not out:
             raise StargzError(f"{endpoint}: the index lists no image manifests")
@@ -486,25 +471,15 @@ def image_manifests(endpoint, platform=None, all_platforms=False):
     desc = select_platform(doc, parse_platform(platform))
     p = desc.get("platform") or {}
     name = "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
-    return [(name, _json_doc(endpoint.manifest(desc["digest"]),
+    return [(name, json_object(endpoint.manifest(desc["digest"]),
                              f"{endpoint}: manifest {desc['digest']}"))]
-
-
-def _json_doc(body, what):
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise StargzError(f"{what} is not JSON") from None
-    if not isinstance(doc, dict):
-        raise StargzError(f"{what} is not a JSON object")
-    return doc
 
 
 def image_config(endpoint, manifest):
     desc = manifest.get("config") or {}
     if not desc.get("digest"):
         raise StargzError(f"{endpoint}: the manifest names no config")
-    return _json_doc(endpoint.small_blob(desc["digest"]), f"{endpoint}: config")
+    return json_object(endpoint.small_blob(desc["digest"]), f"{endpoint}: config")
 
 
 class LayerOpener:

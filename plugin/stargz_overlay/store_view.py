@@ -46,7 +46,7 @@ import time
 
 from .errors import DigestMismatch, FormatError, InvalidReference, StargzError
 from .layer_spec import LayerSpec, encode
-from .layer_view import INO_BASE, LayerView, fs_error, normalize
+from .layer_view import INO_BASE, CountingSource, LayerView, fs_error, normalize
 from .status import LayerStats, StateDir, ref_key, write_json
 
 log = logging.getLogger("stargz_overlay.store")
@@ -108,28 +108,6 @@ def track(view, stats):
     view.open = tracked_open
     view.close = tracked_close
     return view
-
-
-class _Counting:
-    """A blob source that counts reads and bytes (``reads``, ``bytes``)."""
-
-    def __init__(self, inner, label, log_reads):
-        self.inner = inner
-        self.size = inner.size
-        self.label = label
-        self.log_reads = log_reads
-        self.reads = 0
-        self.bytes = 0
-
-    def read_at(self, offset, length):
-        self.reads += 1
-        self.bytes += length
-        if self.log_reads:
-            log.info("blob-read %s offset=%d length=%d", self.label, offset, length)
-        return self.inner.read_at(offset, length)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 # -- the store ---------------------------------------------------------------
@@ -548,7 +526,7 @@ class StoreView:
             view = self._views.get(desc.digest)
         if view is None:
             label = f"store({layer.ref} {desc.digest[:19]})"
-            counted = _Counting(client.blob_source(image.reference, desc.digest, desc.size),
+            counted = CountingSource(client.blob_source(image.reference, desc.digest, desc.size),
                                 label, self.config.log_reads)
             reader = StargzReader(counted, toc_digest=desc.toc_digest,
                                   toc_offset=kind.toc_offset)
@@ -589,7 +567,7 @@ class StoreView:
             view = self._views.get(layer.digest)
             if view is None:      # released earlier: open it again
                 from .reader import StargzReader
-                source = _Counting(
+                source = CountingSource(
                     self._client().blob_source(layer.ref, layer.digest, layer.size),
                     f"store({layer.ref} {layer.digest[:19]})", self.config.log_reads)
                 try:
