@@ -33,7 +33,7 @@ from ..registryfixture import Proxy, Registry
 sys.path.insert(0, os.path.join(REPO, "contrib"))
 import images  # noqa: E402
 
-ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "plugin"))
+ENV = dict(os.environ)        # the CLI of the package under test (installed or on PYTHONPATH)
 CLI = [sys.executable, "-m", "stargz_overlay"]
 HELLO = ["python3", "-c", "print('hello')"]
 PODMAN_READS = {"etc/passwd", "etc/group"}     # podman run reads them to set up the user
