@@ -116,6 +116,20 @@ def _ignore(fn, *args, **kw):
         return False
 
 
+def lock_directory(path, busy):
+    """Create ``path`` (0700) and hold an exclusive flock on it; StargzError(``busy``) if
+    another process holds it.  Returns the fd: the lock lives as long as it, and passes
+    to the forked daemon with it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StargzError(busy) from None
+    return fd
+
+
 class CountingSource:
     """Pass-through blob source that logs every read (``log_reads``) and counts them."""
 
@@ -182,20 +196,8 @@ class LayerView:
             self.listing[path] = visible
 
     def _lock_workdir(self):
-        """Hold an exclusive flock on the layer directory for the life of the layer.
-
-        The lock belongs to the open file, so it passes to the forked daemon.
-        """
-        os.makedirs(self.workdir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.workdir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StargzError(f"layer directory {self.workdir} is in use by another mount; "
-                              f"give each layer of each mount its own directory") from None
-        return fd
+        return lock_directory(self.workdir, f"layer directory {self.workdir} is in use by "
+                              f"another mount; give each layer of each mount its own directory")
 
     def _reset_tree(self):
         for sub in PRIVATE_DIRS:

@@ -36,7 +36,6 @@ program (``mount_program``): a registry layer whose opens are counted for
 import base64
 import binascii
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -46,7 +45,8 @@ import time
 
 from .errors import DigestMismatch, FormatError, InvalidReference, StargzError
 from .layer_spec import LayerSpec, encode
-from .layer_view import INO_BASE, CountingSource, LayerView, fs_error, normalize
+from .layer_view import (INO_BASE, CountingSource, LayerView, fs_error, lock_directory,
+                         normalize)
 from .status import LayerStats, StateDir, ref_key, write_json
 
 log = logging.getLogger("stargz_overlay.store")
@@ -182,22 +182,11 @@ class StoreView:
         self._pool = None
         self._slots = {}          # blob digest -> slot (stable inode ranges)
         self._next_slot = slot + 1
-        self._lock_fd = self._lock_workdir()
+        self._lock_fd = lock_directory(
+            self.workdir, f"the store state directory {self.store.root} is in use by another store")
         self._prepare()
 
     # -- set-up ----------------------------------------------------------
-
-    def _lock_workdir(self):
-        os.makedirs(self.workdir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.workdir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StargzError(f"the store state directory {self.store.root} is in use by "
-                              f"another store") from None
-        return fd
 
     def _prepare(self):
         for sub in ("root", "ns", "files", "layers"):
