@@ -1,7 +1,7 @@
 """Random-access byte sources that stargz layers are read from.
 
 The format library only ever calls ``read_at(offset, length)`` and reads
-``size``; a local file and a registry blob both provide that.
+``size``; a local file, a registry blob and bytes in memory all provide that.
 """
 
 import os
@@ -40,3 +40,20 @@ class FileSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class BytesSource:
+    """A blob held in memory; ``reads`` lists every ``(offset, length)`` asked for."""
+
+    def __init__(self, data):
+        self.data = data
+        self.size = len(data)
+        self.reads = []
+
+    def read_at(self, offset, length):
+        """Return exactly ``length`` bytes at ``offset``, or raise SourceError."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise SourceError(f"range {offset}+{length} is outside the blob "
+                              f"({self.size} bytes)")
+        self.reads.append((offset, length))
+        return self.data[offset:offset + length]

@@ -11,28 +11,14 @@ import tarfile
 
 import pytest
 
-from stargz_overlay.errors import DigestMismatch, FormatError, SourceError
+from stargz_overlay.errors import DigestMismatch, FormatError
 from stargz_overlay.footer import encode_footer, parse_footer
 from stargz_overlay.reader import StargzReader
+from stargz_overlay.source import BytesSource
 from stargz_overlay.toc import parse_toc
 from stargz_overlay.writer import convert
 
 from .tarbuild import TarBuilder
-
-
-class BytesSource:
-    """An in-memory blob that counts reads."""
-
-    def __init__(self, data):
-        self.data = data
-        self.size = len(data)
-        self.reads = []
-
-    def read_at(self, offset, length):
-        if offset < 0 or offset + length > self.size:
-            raise SourceError("out of range")
-        self.reads.append((offset, length))
-        return self.data[offset:offset + length]
 
 
 def build(tar_bytes, **kwargs):

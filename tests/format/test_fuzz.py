@@ -7,7 +7,6 @@ what was written.  Example counts are bounded so the module runs in well
 under 30 seconds on two cores.
 """
 
-import hashlib
 import io
 import json
 import posixpath
@@ -17,10 +16,12 @@ import tarfile
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
+from stargz_overlay.digests import sha256_digest
 from stargz_overlay.errors import DigestMismatch, FormatError, SourceError, StargzError
 from stargz_overlay.footer import (ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, encode_footer,
                                    parse_footer)
 from stargz_overlay.reader import StargzReader
+from stargz_overlay.source import BytesSource
 from stargz_overlay.toc import FILE_TYPES, parse_toc
 from stargz_overlay.writer import convert
 
@@ -32,23 +33,6 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
 
 def fuzz(examples):
     return settings(FUZZ, max_examples=examples)
-
-
-class BytesSource:
-    """An in-memory blob."""
-
-    def __init__(self, data):
-        self.data = data
-        self.size = len(data)
-
-    def read_at(self, offset, length):
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise SourceError(f"range {offset}+{length} outside {self.size} bytes")
-        return self.data[offset:offset + length]
-
-
-def sha(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def mutate(data, flips):
@@ -133,7 +117,7 @@ def mostly(sane):
 
 
 small_int = mostly(st.integers(0, 5000) | st.sampled_from([0, 1, 512, 700]))
-digest_st = mostly(st.sampled_from([sha(b""), sha(b"x"), "sha256:zz", ""]))
+digest_st = mostly(st.sampled_from([sha256_digest(b""), sha256_digest(b"x"), "sha256:zz", ""]))
 
 
 @st.composite
@@ -198,10 +182,10 @@ def assert_matches_toc(entry, data):
     assert len(data) == entry.size
     assert entry.digest or all(c.digest for c in entry.chunks)
     if entry.digest:
-        assert sha(data) == entry.digest
+        assert sha256_digest(data) == entry.digest
     for chunk in entry.chunks:
         if chunk.digest:
-            assert sha(data[chunk.chunk_offset:chunk.chunk_offset + chunk.size]) == chunk.digest
+            assert sha256_digest(data[chunk.chunk_offset:chunk.chunk_offset + chunk.size]) == chunk.digest
 
 
 def parse_or_format_error(toc_json, data_end):
@@ -392,7 +376,7 @@ def test_writer_round_trip(tree, chunk_size, legacy, level, data):
     res = convert(io.BytesIO(tar_of(entries)), out, legacy=legacy, chunk_size=chunk_size,
                   prioritized=prioritized, compression_level=level)
     blob = out.getvalue()
-    assert res.compressed_size == len(blob) and res.blob_digest == sha(blob)
+    assert res.compressed_size == len(blob) and res.blob_digest == sha256_digest(blob)
     in_tar = {path for _, path, _, _ in entries}
     # implied parent dirs are not tar entries: prioritizing them is a miss
     assert sorted(res.missed_prioritized) == sorted(set(prioritized) - in_tar)

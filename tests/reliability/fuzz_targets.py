@@ -9,35 +9,20 @@ under atheris/libFuzzer (``python -m tests.reliability.atheris_fuzz TARGET
 -max_total_time=60``) when atheris is installed.
 """
 
-import hashlib
 import io
 import json
 import posixpath
 import zlib
 
+from stargz_overlay.digests import sha256_digest
 from stargz_overlay.errors import StargzError
 from stargz_overlay.footer import parse_footer
 from stargz_overlay.reader import StargzReader, _toc_body
+from stargz_overlay.source import BytesSource
 from stargz_overlay.toc import parse_toc
 from stargz_overlay.writer import convert
 
 OUTPUT_BUDGET = 64 << 20        # bytes a target may read back from one input
-
-
-class BytesSource:
-    def __init__(self, data):
-        self.data = data
-        self.size = len(data)
-
-    def read_at(self, offset, length):
-        from stargz_overlay.errors import SourceError
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise SourceError(f"range {offset}+{length} outside {self.size} bytes")
-        return self.data[offset:offset + length]
-
-
-def _sha(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def check_toc(toc, data_end):
@@ -74,10 +59,10 @@ def read_back(reader, budget=OUTPUT_BUDGET):
         budget -= len(data)
         assert len(data) == entry.size
         if entry.digest:
-            assert _sha(data) == entry.digest
+            assert sha256_digest(data) == entry.digest
         for chunk in entry.chunks:
             if chunk.digest:
-                assert _sha(data[chunk.chunk_offset:chunk.chunk_offset + chunk.size]) \
+                assert sha256_digest(data[chunk.chunk_offset:chunk.chunk_offset + chunk.size]) \
                     == chunk.digest
 
 
