@@ -36,6 +36,10 @@ reported.
 
 Prints a table and writes JSON to contrib/bench/results/.  Needs root,
 /dev/fuse, fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.
+
+The set-up shared with optimize_bench.py and suite.py lives here too: ``Lazy``,
+``Podman``, ``PodmanLazy`` (the ways to start the image), ``bench_args`` (the
+common options) and ``Bench`` (image, registry, shaped link, timed runs, JSON).
 """
 
 import argparse
@@ -122,6 +126,8 @@ class Lazy:
             while os.path.ismount(self.mnt) and time.monotonic() < deadline:
                 time.sleep(0.05)
         self.mnt = None
+
+    cleanup = unmount
 
     def metrics(self):
         snaps = read_snapshots(os.path.join(self.dir, "metrics"))
@@ -234,6 +240,101 @@ def median_row(rows):
     return row
 
 
+def bench_args(doc):
+    """The options every benchmark of the python image takes (add its own to it)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument("--mbit", type=float, default=100.0)
+    parser.add_argument("--image", choices=("python", "python-gcc"), default="python")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each start (median)")
+    parser.add_argument("--no-legacy", action="store_true", help="skip podman pull + run")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser
+
+
+class Bench:
+    """One run of a benchmark (a context manager: everything is stopped and removed
+    on exit unless ``--keep``).
+
+    ``push_legacy()`` builds ``args.image`` offline (``oci``), starts a local
+    docker-registry (``direct``) and pushes the image there as gzip
+    (``bench/python:legacy``); ``conv_env`` converts into that registry.
+    ``shape()`` puts netshape's shaped link (``shaped``) in front of it and
+    measures it.  ``timed(name, runner, ref)`` times one start through the link
+    into ``runs``; ``write(prefix)`` saves ``results`` as JSON.
+    """
+
+    def __init__(self, args, prefix):
+        if os.geteuid() != 0:
+            raise SystemExit("run as root (FUSE mounts, chroot, podman)")
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
+        self.reg = self.shaper = None
+        self.results = {"rtt_ms": args.rtt_ms, "mbit": args.mbit, "workload": WORKLOAD,
+                        "image": args.image, "repeat": args.repeat}
+        self.runs = {}
+
+    def __enter__(self):
+        return self
+
+    def push_legacy(self):
+        print(f"building the {self.args.image} image ...", flush=True)
+        self.oci = build_image(self.args.image, os.path.join(self.tmp, "oci"))
+        self.reg = Registry(self.tmp)
+        self.direct = self.reg.host
+        run(["skopeo", "copy", "-q", "--dest-tls-verify=false", self.oci,
+             f"docker://{self.direct}/bench/python:legacy"])
+        self.conv_env = dict(ENV, CONTAINERS_REGISTRIES_CONF=registries_conf(
+            os.path.join(self.tmp, "registries.conf"), [self.direct]))
+
+    def shape(self):
+        host, port = self.direct.rsplit(":", 1)
+        self.shaper = Shaper((host, int(port)), rtt_ms=self.args.rtt_ms, mbit=self.args.mbit)
+        self.shaped = self.shaper.start()
+        legacy = json.loads(run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                 f"docker://{self.direct}/bench/python:legacy"]).stdout)
+        big = max(legacy["layers"], key=lambda x: x["size"])["digest"]
+        shost, sport = self.shaped.rsplit(":", 1)
+        self.results["link"] = link = verify(shost, int(sport), "/v2/",
+                                             f"/v2/bench/python/blobs/{big}")
+        print(f"shaped link {self.shaped}: measured {link['rtt_ms']} ms RTT, "
+              f"{link['mbit']} Mbit/s", flush=True)
+
+    def timed(self, name, runner, ref, width=14):
+        """``runner.timed_start(ref)`` (then its clean-up) with the bytes it moved over
+        the shaped link; the row is added to ``runs[name]`` and printed."""
+        before = self.shaper.bytes_down
+        try:
+            row = runner.timed_start(ref)
+        finally:
+            runner.cleanup()
+        row["link_bytes"] = self.shaper.bytes_down - before
+        self.runs.setdefault(name, []).append(row)
+        print(f"{name:{width}} {row['total_s']:6.2f} s", flush=True)
+        return row
+
+    def write(self, prefix):
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        out = os.path.join(HERE, "results", f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        with open(out, "w") as f:
+            json.dump(self.results, f, indent=2)
+        print(f"written to {os.path.relpath(out, ROOT)}")
+
+    def __exit__(self, *exc):
+        if self.shaper is not None:
+            self.shaper.stop()
+        if self.reg is not None:
+            self.reg.stop()
+        if not self.args.keep:
+            for sub in os.listdir(self.tmp):
+                mnt = os.path.join(self.tmp, sub, "mnt")
+                if os.path.ismount(mnt):
+                    subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            print(f"kept {self.tmp}")
+
+
 def trace_reads(tmp, reg_host, ref):
     """Files the workload opens, in order of first open (from the plugin's call log)."""
     lazy = Lazy(tmp, "trace", reg_host, log_calls=True, noprefetch=True,
@@ -257,72 +358,36 @@ def trace_reads(tmp, reg_host, ref):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rtt-ms", type=float, default=20.0)
-    parser.add_argument("--mbit", type=float, default=100.0)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--no-legacy", action="store_true", help="skip the podman run")
+    parser = bench_args(__doc__)
     parser.add_argument("--no-podman-lazy", action="store_true",
                         help="skip podman through the layer store and mount program")
-    parser.add_argument("--image", choices=("python", "python-gcc"), default="python")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each start (median)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (FUSE mounts, chroot, podman)")
-    tmp = tempfile.mkdtemp(prefix="prefetch-bench-")
-    reg = shaper = None
-    results = {"rtt_ms": args.rtt_ms, "mbit": args.mbit, "workload": WORKLOAD,
-               "image": args.image, "repeat": args.repeat}
-    try:
-        print(f"building the {args.image} image ...", flush=True)
-        oci = build_image(args.image, os.path.join(tmp, "oci"))
-        reg = Registry(tmp)
-        direct = reg.host
-        run(["skopeo", "copy", "-q", "--dest-tls-verify=false", oci,
-             f"docker://{direct}/bench/python:legacy"])
-        conv_env = dict(ENV, CONTAINERS_REGISTRIES_CONF=registries_conf(
-            os.path.join(tmp, "registries.conf"), [direct]))
-        run(CLI + ["convert", oci, f"docker://{direct}/bench/python:plain"], env=conv_env)
+    with Bench(args, "prefetch-bench-") as bench:
+        bench.push_legacy()
+        tmp, oci, direct, results = bench.tmp, bench.oci, bench.direct, bench.results
+        run(CLI + ["convert", oci, f"docker://{direct}/bench/python:plain"], env=bench.conv_env)
         print("tracing the workload's reads ...", flush=True)
         reads = trace_reads(tmp, direct, f"{direct}/bench/python:plain")
         listing = os.path.join(tmp, "prioritized.txt")
         with open(listing, "w") as f:
             f.write("\n".join(reads) + "\n")
         run(CLI + ["convert", "--prioritized-files", listing, oci,
-                   f"docker://{direct}/bench/python:esgz"], env=conv_env)
+                   f"docker://{direct}/bench/python:esgz"], env=bench.conv_env)
         sizes = {tag: sum(layer["size"] for layer in json.loads(run(
             ["skopeo", "inspect", "--raw", "--tls-verify=false",
              f"docker://{direct}/bench/python:{tag}"]).stdout)["layers"])
             for tag in ("legacy", "esgz")}
         results.update(files_read=len(reads), image_bytes=sizes)
 
-        host, port = direct.rsplit(":", 1)
-        shaper = Shaper((host, int(port)), rtt_ms=args.rtt_ms, mbit=args.mbit)
-        shaped = shaper.start()
-        legacy_digest = json.loads(run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                                        f"docker://{direct}/bench/python:legacy"]).stdout)
-        big = max(legacy_digest["layers"], key=lambda x: x["size"])["digest"]
-        shost, sport = shaped.rsplit(":", 1)
-        link = verify(shost, int(sport), "/v2/", f"/v2/bench/python/blobs/{big}")
-        results["link"] = link
-        print(f"shaped link {shaped}: measured {link['rtt_ms']} ms RTT, {link['mbit']} Mbit/s",
-              flush=True)
-
-        rows = {}
-        runs = {}
+        bench.shape()
+        shaped = bench.shaped
+        runs = bench.runs
         for n in range(args.repeat):
             for name, tag, config in (("lazy+prefetch", "esgz", {}),
                                       ("lazy", "esgz", {"noprefetch": True}),
                                       ("lazy-plain", "plain", {})):
                 lazy = Lazy(tmp, f"{name}.{n}", shaped, **config)
-                before = shaper.bytes_down
-                try:
-                    row = lazy.timed_start(f"{shaped}/bench/python:{tag}")
-                finally:
-                    lazy.unmount()
-                row["link_bytes"] = shaper.bytes_down - before
-                runs.setdefault(name, []).append(row)
-                print(f"{name:14} {row['total_s']:6.2f} s", flush=True)
+                bench.timed(name, lazy, f"{shaped}/bench/python:{tag}")
                 if name == "lazy+prefetch":
                     warm = Lazy(tmp, f"local.{n}", direct)
                     shutil.copytree(os.path.join(lazy.dir, "cache"),
@@ -335,25 +400,11 @@ def main():
                     print(f"{'local':14} {row['total_s']:6.2f} s (warm cache, no shaping)",
                           flush=True)
             if not args.no_podman_lazy:
-                podman = PodmanLazy(tmp, f"podman-lazy.{n}", shaped)
-                before = shaper.bytes_down
-                try:
-                    row = podman.timed_start(f"{shaped}/bench/python:esgz")
-                finally:
-                    podman.cleanup()
-                row["link_bytes"] = shaper.bytes_down - before
-                runs.setdefault("podman-lazy", []).append(row)
-                print(f"{'podman-lazy':14} {row['total_s']:6.2f} s", flush=True)
+                bench.timed("podman-lazy", PodmanLazy(tmp, f"podman-lazy.{n}", shaped),
+                            f"{shaped}/bench/python:esgz")
             if not args.no_legacy:
-                podman = Podman(tmp, f"podman.{n}", shaped)
-                before = shaper.bytes_down
-                try:
-                    row = podman.timed_start(f"{shaped}/bench/python:legacy")
-                finally:
-                    podman.cleanup()
-                row["link_bytes"] = shaper.bytes_down - before
-                runs.setdefault("legacy", []).append(row)
-                print(f"{'legacy':14} {row['total_s']:6.2f} s", flush=True)
+                bench.timed("legacy", Podman(tmp, f"podman.{n}", shaped),
+                            f"{shaped}/bench/python:legacy")
         rows = {name: median_row(r) for name, r in runs.items()}
 
         pre = rows["lazy+prefetch"]["fetched"]
@@ -383,25 +434,8 @@ def main():
             row["x_floor"] = row["total_s"] / floor
             if legacy:
                 row["x_legacy"] = row["total_s"] / legacy
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        out = os.path.join(HERE, "results",
-                           f"prefetch_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"\nwritten to {os.path.relpath(out, ROOT)}")
-    finally:
-        if shaper is not None:
-            shaper.stop()
-        if reg is not None:
-            reg.stop()
-        if not args.keep:
-            for sub in os.listdir(tmp):
-                mnt = os.path.join(tmp, sub, "mnt")
-                if os.path.ismount(mnt):
-                    subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"kept {tmp}")
+        print()
+        bench.write("prefetch_bench")
 
 
 if __name__ == "__main__":
