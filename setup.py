@@ -53,7 +53,8 @@ setup(
     package_dir={"": "plugin"},
     packages=["stargz_overlay", "stargz_overlay.commands"],
     install_requires=["cffi>=1.15", "requests>=2.28"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "atheris>=2.3"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "atheris>=2.3"],
+                    "bench": ["matplotlib>=3.5"]},
     entry_points={"console_scripts": ["stargz-overlay = stargz_overlay.cli:main",
                                       "stargz-overlay-mount = stargz_overlay.mount_program:main"]},
 )

@@ -1,6 +1,6 @@
 """Build real test images without internet, from this Debian machine's own packages.
 
-    .venv/bin/python contrib/images.py python|gcc|bigdata OCI_DIR [--tag TAG]
+    .venv/bin/python contrib/images.py python|python-full|gcc|bigdata OCI_DIR [--tag TAG]
 
 Each image is a minimal Debian root made of the files of a few installed Debian
 packages and everything they depend on (``dpkg -L`` over the ``Depends`` closure),
@@ -8,9 +8,11 @@ written as an OCI layout with gzip layers: a base layer (libc, dash as /bin/sh,
 /etc basics) and one layer per workload.  The same function serves the demo, the
 benchmarks and the tests, so they all run the same bytes.
 
-``python``  base + python3 (the interpreter and the whole standard library)
-``gcc``     base + gcc, binutils and the C library headers
-``bigdata`` python + 256 MiB of incompressible data files the workload reads
+``python``       base + python3 (the interpreter and the whole standard library)
+``python-full``  base + the gcc layer + python3, like the official python image
+                 (python on a build toolchain; what HelloBench's python case pulls)
+``gcc``          base + gcc, binutils and the C library headers
+``bigdata``      python + 256 MiB of incompressible data files the workload reads
 """
 
 import argparse
@@ -33,6 +35,7 @@ WORKLOAD_PACKAGES = {
 USRMERGE_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SKIP_PREFIXES = ("/usr/share/doc/", "/usr/share/man/", "/usr/share/info/", "/usr/share/lintian/",
                  "/usr/share/locale/")
+KINDS = ("python", "python-full", "gcc", "bigdata")
 BIGDATA_BYTES = 256 << 20
 MTIME = 1700000000
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -189,7 +192,9 @@ def build(kind, layout_dir, tag=None):
     tag = tag or kind
     base_packages = set(closure(BASE_PACKAGES))
     layers = [base_layer()]
-    if kind in ("python", "bigdata"):
+    if kind == "python-full":       # like the official python image: on a build toolchain
+        layers.append(workload_layer("gcc", base_packages))
+    if kind in ("python", "python-full", "bigdata"):
         layers.append(workload_layer("python", base_packages))
         cmd = ["python3", "-c", "print('hello')"]
     elif kind == "gcc":
@@ -197,7 +202,7 @@ def build(kind, layout_dir, tag=None):
         cmd = ["/bin/sh", "-c", "printf '#include <stdio.h>\\nint main(void){puts(\"hello\");"
                                 "return 0;}\\n' > /tmp/h.c && gcc /tmp/h.c -o /tmp/h && /tmp/h"]
     else:
-        raise SystemExit(f"unknown image kind {kind!r} (python, gcc, bigdata)")
+        raise SystemExit(f"unknown image kind {kind!r} ({', '.join(KINDS)})")
     if kind == "bigdata":
         layers.append(bigdata_layer())
         cmd = ["python3", "-c", "import glob\nfor p in sorted(glob.glob('/data/*')):\n"
@@ -207,7 +212,7 @@ def build(kind, layout_dir, tag=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("python", "gcc", "bigdata"))
+    parser.add_argument("kind", choices=KINDS)
     parser.add_argument("layout", metavar="OCI_DIR")
     parser.add_argument("--tag")
     args = parser.parse_args()
