@@ -208,15 +208,44 @@ class ContentCache:
         finally:
             os.close(fd)
         if total != size or "sha256:" + hasher.hexdigest() != digest:
-            log.warning("cache file %s is damaged (e.g. by a crash); fetching it again", path)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            self._damaged(path)
             return None
         self._verified.add(digest)
         self._touch(digest, path, force=True)
         return path
+
+    def read(self, digest, limit):
+        """The cached content ``digest`` as bytes, verified, or None (missing, over
+        ``limit`` bytes, or damaged and removed).  For small contents whose size is
+        not known in advance (a layer's TOC JSON, cached under its TOC digest)."""
+        path = self.path(digest)
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size > limit:
+                    return None
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read cache file %s: %s", path, exc.strerror)
+            return None
+        if len(data) > limit:
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            self._verified.discard(digest)
+            self._damaged(path)
+            return None
+        self._verified.add(digest)
+        self._touch(digest, path, force=True)
+        return data
+
+    @staticmethod
+    def _damaged(path):
+        log.warning("cache file %s is damaged (e.g. by a crash); fetching it again", path)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def _touch(self, digest, path, force=False):
         """Record a use for LRU eviction (the access time); False if the file is gone."""

@@ -7,8 +7,8 @@ foreground gate, the link estimate, the background fetcher).
 that an in-flight prefetch is about to deliver wait for it (up to
 ``prefetch_timeout_sec``) instead of requesting the same bytes again, and
 otherwise fetches on demand, marked as a foreground wait so that background
-fetching pauses.  The layer pins all its files' digests in the cache for as
-long as it is mounted.
+fetching pauses.  The layer pins all its files' digests, and its TOC's, in the
+cache for as long as it is mounted.
 """
 
 import errno
@@ -100,6 +100,7 @@ class LayerFetch:
         self.closed = False
         digests = {e.digest for e in self.entries if e.digest}
         digests.add(EMPTY_SHA256)
+        digests.add(reader.toc_digest)       # the TOC JSON is cached under its digest too
         self.pin = ctx.cache.pin(sorted(digests), label=f"{layer_id} {view.label}")
         view.fetch = self
         ctx.layers.append(self)

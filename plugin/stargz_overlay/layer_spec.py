@@ -19,6 +19,10 @@ padding, of a compact JSON object (alphabet ``A-Z a-z 0-9 - _`` only)::
   annotation); when given, a TOC that differs fails the mount.  Registry layers
   without it take it from the image manifest's annotations.
 - ``size`` (optional): blob size in bytes (saves a request).
+- ``toc_offset`` (optional, int) and ``format`` (optional, ``estargz`` or ``stargz``):
+  what the blob's footer says (the store records them at pull).  With ``toc`` and
+  both of these, a TOC kept in the content cache under its digest is used and
+  neither the footer nor the TOC is read from the registry (``registry_layers``).
 - ``config`` (optional): absolute path of the configuration file to use.
 
 PATH is a private directory of the layer (the skeleton tree lives there).
@@ -32,7 +36,8 @@ from .errors import StargzError
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 KINDS = ("blob", "registry", "store", "store-layer")
-_FIELDS = {"kind", "path", "ref", "digest", "toc", "size", "config"}
+FORMATS = ("estargz", "stargz")
+_FIELDS = {"kind", "path", "ref", "digest", "toc", "size", "config", "toc_offset", "format"}
 
 
 class LayerSpecError(StargzError):
@@ -42,10 +47,11 @@ class LayerSpecError(StargzError):
 class LayerSpec:
     """One stargz layer, as named by a plugin lowerdir's DATA."""
 
-    __slots__ = ("kind", "path", "ref", "digest", "toc", "size", "config")
+    __slots__ = ("kind", "path", "ref", "digest", "toc", "size", "config", "toc_offset",
+                 "format")
 
     def __init__(self, kind, path=None, ref=None, digest=None, toc=None, size=None,
-                 config=None):
+                 config=None, toc_offset=None, format=None):  # noqa: A002 - the DATA key
         self.kind = kind
         self.path = path
         self.ref = ref
@@ -53,6 +59,8 @@ class LayerSpec:
         self.toc = toc
         self.size = size
         self.config = config
+        self.toc_offset = toc_offset
+        self.format = format
         self.check()
 
     def check(self):
@@ -76,6 +84,11 @@ class LayerSpec:
                 raise LayerSpecError(f"{name} {value!r} is not a sha256:<64 hex> digest")
         if self.size is not None and (type(self.size) is not int or self.size < 0):
             raise LayerSpecError("size must be a non-negative integer")
+        if self.toc_offset is not None and (type(self.toc_offset) is not int
+                                            or self.toc_offset < 0):
+            raise LayerSpecError("toc_offset must be a non-negative integer")
+        if self.format is not None and self.format not in FORMATS:
+            raise LayerSpecError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.config is not None and not (isinstance(self.config, str)
                                             and self.config.startswith("/")):
             raise LayerSpecError("config must be an absolute path")

@@ -12,6 +12,9 @@ a ``stargz-overlay store``.  Those become plugin layers of fuse-overlayfs
 FUSE hop), and ``plugins=`` and ``fast_ino=1`` are added; every other lower
 dir and every other argument is passed through untouched, and the program
 then execs ``/usr/bin/fuse-overlayfs`` (or ``$STARGZ_OVERLAY_FUSE_OVERLAYFS``).
+DATA carries what the store learnt at pull (TOC digest and offset, blob format
+and size), so the plugin opens each layer from the TOC the store left in the
+content cache, without a request to the registry.
 
 It stays small on purpose: standard library only (no registry client), no
 threads, no child left behind, stderr never duplicated; it ends in
@@ -143,7 +146,8 @@ class Rewriter:
         try:
             spec = LayerSpec("store-layer", path=state_dir, ref=layer.get("ref") or ref,
                              digest=layer.get("digest") or name, toc=layer.get("toc"),
-                             size=layer.get("size"),
+                             size=layer.get("size"), toc_offset=layer.get("toc_offset"),
+                             format=layer.get("kind"),
                              config=layer.get("config") or config or None)
         except StargzError:
             return None

@@ -118,7 +118,7 @@ class PluginState:
         return slot + 1, fd
 
     def _open_reader(self, spec, label, layer_id=None):
-        from .reader import StargzReader
+        from .registry_layers import open_reader
         layer_id = layer_id or spec.digest or f"file:{spec.path}"
         if spec.kind == "blob":
             from .source import FileSource
@@ -128,7 +128,7 @@ class PluginState:
             source, toc = self._registry_source(spec)
         metered = self.fetch.metered(source, layer_id, label, ref=spec.ref or spec.path or "")
         with fetch_kind("metadata"):
-            reader = StargzReader(metered, toc_digest=toc)
+            reader = open_reader(metered, self.cache, toc, spec.toc_offset, spec.format, label)
         metered.loaded()
         return reader
 

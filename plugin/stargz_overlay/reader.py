@@ -1,7 +1,7 @@
 """Reading stargz/eStargz blobs from any random-access source.
 
 Opening reads the footer and the TOC (two reads, or one when the TOC offset
-is already known); file contents are read member by member and verified
+is already known; none with ``from_toc_json``, for a TOC kept from before); file contents are read member by member and verified
 against the chunk digests and the whole-file digest before they are
 returned.  A mismatch raises ``DigestMismatch``, never returns bytes.
 
@@ -20,7 +20,7 @@ import zlib
 
 from .digests import hasher_digest, sha256_digest
 from .errors import DigestMismatch, FormatError
-from .footer import LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE, parse_footer
+from .footer import ESTARGZ_FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE, parse_footer
 from .toc import TOC_NAME, build_toc, load_entries
 
 MAX_TOC_BYTES = 512 << 20     # TOC member, compressed and decompressed; bounds a gzip bomb
@@ -75,6 +75,7 @@ def gunzip_prefix(data, length, what):
 
 
 _JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
+FOOTER_SIZES = {"estargz": ESTARGZ_FOOTER_SIZE, "stargz": LEGACY_FOOTER_SIZE}
 TOC_HEAD = 64 << 10           # enough inflated bytes for the TOC member's tar header(s)
 
 
@@ -110,6 +111,13 @@ def _toc_body(member, what="TOC"):
     return memoryview(body)
 
 
+def _check_blob_size(source):
+    size = source.size
+    if size < LEGACY_FOOTER_SIZE:
+        raise FormatError(f"not a stargz/eStargz blob: only {size} bytes long")
+    return size
+
+
 def _check_toc_member(length):
     if length > MAX_TOC_BYTES:
         raise FormatError(f"TOC: the footer puts {length} bytes between the TOC and the end of "
@@ -130,9 +138,7 @@ class StargzReader:
 
     def __init__(self, source, toc_digest=None, toc_offset=None):
         self.source = source
-        size = source.size
-        if size < LEGACY_FOOTER_SIZE:
-            raise FormatError(f"not a stargz/eStargz blob: only {size} bytes long")
+        size = _check_blob_size(source)
         if toc_offset is None:
             tail_len = min(size, MAX_FOOTER_SIZE)
             footer = parse_footer(source.read_at(size - tail_len, tail_len), size)
@@ -149,11 +155,41 @@ class StargzReader:
                 raise FormatError(f"footer points at {footer.toc_offset}, not at the "
                                   f"expected TOC offset {toc_offset}")
             toc_member = data[:len(data) - footer.size]
-        self.kind = footer.kind
-        self.toc_offset = footer.toc_offset
         self._toc_member = toc_member
-        body = _toc_body(toc_member)
+        self._toc_json = None
+        self._load(footer.kind, footer.toc_offset, _toc_body(toc_member), toc_digest)
+
+    @classmethod
+    def from_toc_json(cls, source, toc_json, toc_offset, kind, toc_digest):
+        """A reader whose TOC is known already (e.g. kept in the cache): nothing is read.
+
+        ``toc_offset`` and ``kind`` are what the blob's footer said when the TOC
+        was first read; ``toc_json`` must hash to ``toc_digest`` (DigestMismatch
+        otherwise), and passes the same bounds and JSON checks as a TOC read
+        from the blob.
+        """
+        self = cls.__new__(cls)
+        self.source = source
+        size = _check_blob_size(source)
+        footer_size = FOOTER_SIZES.get(kind)
+        if footer_size is None:
+            raise FormatError(f"unknown blob kind {kind!r} (expected estargz or stargz)")
+        if type(toc_offset) is not int or not 0 <= toc_offset <= size - footer_size:
+            raise FormatError(f"TOC offset {toc_offset!r} is outside the blob")
+        _check_toc_member(size - footer_size - toc_offset)
+        if len(toc_json) > MAX_TOC_BYTES:
+            raise FormatError(f"TOC: {len(toc_json)} bytes, more than {MAX_TOC_BYTES}")
+        self._toc_member = None
+        self._toc_json = bytes(toc_json)
+        self._load(kind, toc_offset, self._toc_json, toc_digest)
+        return self
+
+    def _load(self, kind, toc_offset, body, toc_digest):
+        """Check the TOC JSON ``body`` (digest, then JSON) and build the tree from it."""
+        self.kind = kind
+        self.toc_offset = toc_offset
         self.toc_digest = sha256_digest(body)
+        self.toc_size = len(body)
         if toc_digest is not None and toc_digest != self.toc_digest:
             raise DigestMismatch(f"TOC digest is {self.toc_digest}, expected {toc_digest}")
         if len(body) > TOC_HEAD and not _JSON_OBJECT_START.match(body):
@@ -171,6 +207,8 @@ class StargzReader:
     @property
     def toc_json(self):
         """The TOC JSON bytes exactly as stored (decompressed again on each use)."""
+        if self._toc_member is None:
+            return self._toc_json
         return bytes(_toc_body(self._toc_member))
 
     def prefetch_range(self):

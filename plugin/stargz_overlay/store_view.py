@@ -28,6 +28,11 @@ layer that is not stargz/eStargz, has no TOC digest annotation, or whose TOC
 does not match it, is absent (ENOENT), so Podman pulls it normally; the
 reason goes to the log and to ``status``.
 
+Resolving a layer reads its footer and TOC once: the verified TOC JSON is
+kept in the content cache under its digest, and the TOC offset and blob
+format go into the layer's state, so that containers' mounts open the layer
+without reading either again (``registry_layers.open_reader``).
+
 ``store-layer``: one layer of an image mounted for a container by the mount
 program (``mount_program``): a registry layer whose opens are counted for
 ``status``.
@@ -44,9 +49,9 @@ import threading
 import time
 
 from .errors import DigestMismatch, FormatError, InvalidReference, StargzError
+from .fetch_control import fetch_kind
 from .layer_spec import LayerSpec, encode
-from .layer_view import (INO_BASE, CountingSource, LayerView, fs_error, lock_directory,
-                         normalize)
+from .layer_view import INO_BASE, LayerView, fs_error, lock_directory, normalize
 from .status import LayerStats, StateDir, ref_key, write_json
 
 log = logging.getLogger("stargz_overlay.store")
@@ -67,7 +72,8 @@ def load_layer(state, spec, workdir, label):
     if spec.kind == "store-layer":
         # a registry layer, loaded the plugin's usual way; only its opens are counted here
         registry = LayerSpec("registry", ref=spec.ref, digest=spec.digest, toc=spec.toc,
-                             size=spec.size, config=spec.config)
+                             size=spec.size, config=spec.config, toc_offset=spec.toc_offset,
+                             format=spec.format)
         slot_id, fd = state.load_layer(encode(registry), workdir)
         track(state.views[slot_id], LayerStats(spec.path, spec.digest, "mount"))
         return slot_id, fd
@@ -470,7 +476,6 @@ class StoreView:
         return None
 
     def _resolve_layer(self, layer, siblings=False):
-        from .reader import StargzReader
         if not _is_digest(layer.name):
             raise FormatError(f"{layer.name!r} is not a layer digest")
         image = self._image(layer.ref, layer.name)
@@ -514,18 +519,16 @@ class StoreView:
         with self._lock:
             view = self._views.get(desc.digest)
         if view is None:
-            label = f"store({layer.ref} {desc.digest[:19]})"
-            counted = CountingSource(client.blob_source(image.reference, desc.digest, desc.size),
-                                label, self.config.log_reads)
-            reader = StargzReader(counted, toc_digest=desc.toc_digest,
-                                  toc_offset=kind.toc_offset)
+            reader = self._reader(image.reference, desc.digest, desc.size, desc.toc_digest,
+                                  kind.toc_offset, kind.kind)
             with self._lock:
                 view = self._views.get(desc.digest) or self._open_view(desc.digest, reader,
-                                                                       label)
+                                                                       reader.source.label)
             files, file_bytes = self.store.write_files(desc.digest, reader.toc)
             layer.doc.update(files=files, file_bytes=file_bytes)
         kind_name = view.reader.kind
         layer.doc["kind"] = kind_name
+        layer.doc["toc_offset"] = view.reader.toc_offset
         reason = (f"{'eStargz' if kind_name == 'estargz' else 'legacy stargz'} footer, TOC "
                   f"verified against the toc.digest annotation")
         info = {"compressed-diff-digest": desc.digest, "compressed-size": desc.size,
@@ -551,21 +554,30 @@ class StoreView:
         self._views[digest] = view
         return view
 
+    def _reader(self, ref, digest, size, toc_digest, toc_offset, kind):
+        """The layer's reader, through a metered source; the TOC from the cache if there."""
+        from .registry_layers import open_reader
+        label = f"store({ref} {digest[:19]})"
+        source = self.state.fetch.metered(self._client().blob_source(ref, digest, size),
+                                          digest, label, ref=ref)
+        with fetch_kind("metadata"):
+            reader = open_reader(source, self.cache, toc_digest, toc_offset, kind, label)
+        source.loaded()
+        return reader
+
     def _view(self, layer):
         with self._lock:
             view = self._views.get(layer.digest)
             if view is None:      # released earlier: open it again
-                from .reader import StargzReader
-                source = CountingSource(
-                    self._client().blob_source(layer.ref, layer.digest, layer.size),
-                    f"store({layer.ref} {layer.digest[:19]})", self.config.log_reads)
+                doc = layer.doc
                 try:
-                    reader = StargzReader(source, toc_digest=layer.doc.get("toc"))
+                    reader = self._reader(layer.ref, layer.digest, layer.size, doc.get("toc"),
+                                          doc.get("toc_offset"), doc.get("kind"))
                 except StargzError as exc:
                     log.error("%s %s: cannot open the layer again: %s", layer.ref,
                               layer.name, exc)
                     raise fs_error(errno.EIO) from None
-                view = self._open_view(layer.digest, reader, source.label)
+                view = self._open_view(layer.digest, reader, reader.source.label)
             return view
 
     def _blob(self, layer):
