@@ -82,7 +82,11 @@ class FetchContext:
 class LayerFetch:
     """One mounted layer's fetch state (see the module docstring)."""
 
-    def __init__(self, view, ctx, layer_id):
+    def __init__(self, view, ctx, layer_id, mounted=True):
+        """``mounted``: a mount's layer, pinned and prefetched/background-fetched by
+        ``ctx.start()``.  The store's layers (``store_view``: prefetch at pull) are
+        neither: the store starts their prefetch itself, and a pulled image that no
+        container runs does not keep its files from eviction."""
         self.view = view
         self.ctx = ctx
         self.id = layer_id
@@ -101,15 +105,17 @@ class LayerFetch:
         digests = {e.digest for e in self.entries if e.digest}
         digests.add(EMPTY_SHA256)
         digests.add(reader.toc_digest)       # the TOC JSON is cached under its digest too
-        self.pin = ctx.cache.pin(sorted(digests), label=f"{layer_id} {view.label}")
+        self.pin = (ctx.cache.pin(sorted(digests), label=f"{layer_id} {view.label}")
+                    if mounted else None)
         view.fetch = self
-        ctx.layers.append(self)
+        if mounted:
+            ctx.layers.append(self)
 
     # -- bookkeeping --
 
     def stored(self, entry, digest, computed=False):
         """``entry``'s content is in the cache (called by LayerView.file_path)."""
-        if computed:
+        if computed and self.pin is not None:
             self.pin.add(digest)
         with self._lock:
             if entry.ino in self.local or entry.size == 0:
@@ -197,4 +203,5 @@ class LayerFetch:
 
     def close(self):
         self.closed = True
-        self.pin.release()
+        if self.pin is not None:
+            self.pin.release()

@@ -2,7 +2,8 @@
 
 An eStargz layer with ``.prefetch.landmark`` holds the files a workload reads
 at start-up before the landmark.  When the layer is first used (in the
-forked daemon, never before fuse-overlayfs forks), one thread per layer
+forked daemon, never before fuse-overlayfs forks), or already when the
+store resolves it at ``podman pull`` (``store_view``), one thread per layer
 requests the whole region ``[0, landmark)`` with a single Range request and,
 as the bytes stream in, verifies (per chunk and per file) and stores file
 after file in the cache.  An open of a file still ahead in the stream waits

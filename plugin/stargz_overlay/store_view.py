@@ -31,7 +31,12 @@ reason goes to the log and to ``status``.
 Resolving a layer reads its footer and TOC once: the verified TOC JSON is
 kept in the content cache under its digest, and the TOC offset and blob
 format go into the layer's state, so that containers' mounts open the layer
-without reading either again (``registry_layers.open_reader``).
+without reading either again (``registry_layers.open_reader``).  With
+prefetch on (``noprefetch = false``), resolving also starts the layer's
+prefetch (``prefetch``: the region before ``.prefetch.landmark``, one
+request) into the shared cache, so the prioritized files are local or in
+flight by the time a container starts; its mount takes the same claim and
+waits for them instead of fetching them again.
 
 ``store-layer``: one layer of an image mounted for a container by the mount
 program (``mount_program``): a registry layer whose opens are counted for
@@ -119,7 +124,7 @@ def track(view, stats):
 # -- the store ---------------------------------------------------------------
 
 class _NoReader:
-    """Stands in for a reader where plugin_state/prefetch expect one (no prefetch here)."""
+    """Stands in for a reader where plugin_state expects one (the namespace has no blob)."""
 
     class source:
         reads = 0
@@ -216,7 +221,7 @@ class StoreView:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         for view in list(self._views.values()):
-            view.close()
+            _close_view(view)
         self._views.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -552,6 +557,8 @@ class StoreView:
                          slot, label)
         track(view, LayerStats(self.store.root, digest, "store"))
         self._views[digest] = view
+        if self.config.prefetch:
+            self._prefetch(view, digest)
         return view
 
     def _reader(self, ref, digest, size, toc_digest, toc_offset, kind):
@@ -564,6 +571,17 @@ class StoreView:
             reader = open_reader(source, self.cache, toc_digest, toc_offset, kind, label)
         source.loaded()
         return reader
+
+    def _prefetch(self, view, digest):
+        """Start the layer's prefetch into the shared cache (a worker thread: serving)."""
+        from . import prefetch
+        from .layer_fetch import LayerFetch
+        try:
+            fetch = LayerFetch(view, self.state.fetch, digest, mounted=False)
+        except StargzError as exc:
+            log.warning("%s: no prefetch: %s", view.label, exc)
+            return
+        prefetch.start(fetch)
 
     def _view(self, layer):
         with self._lock:
@@ -610,7 +628,7 @@ class StoreView:
             if holders <= 0 and layer.digest in self._views:
                 log.info("%s %s: released by containers/storage; its files stay cached, the "
                          "layer is opened again when asked for", layer.ref, layer.name)
-                self._views.pop(layer.digest).close()
+                _close_view(self._views.pop(layer.digest))
             self._save(layer)
 
     def _save(self, layer):
@@ -624,6 +642,12 @@ class StoreView:
                 self.store.write_layer(layer.digest, doc)
         except OSError as exc:
             log.warning("cannot record layer state in %s: %s", self.store.root, exc)
+
+
+def _close_view(view):
+    if view.fetch is not None:
+        view.fetch.close()
+    view.close()
 
 
 def _platform_of(desc):
