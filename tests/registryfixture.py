@@ -342,61 +342,16 @@ class Registry:
 # -- misbehaving proxy ----------------------------------------------------
 
 _BLOB_RE = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
-_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 REDIRECT_PREFIX = "/_storage"
 
 
-class Proxy(_ThreadedServer):
-    """An HTTP proxy in front of a plain-HTTP registry.
-
-    ``latency``: seconds slept before each request is forwarded.
-    ``multirange``: "pass" | "416" | "400" | "200" (answer multi-range GETs with
-    that status; "200" sends the whole blob).  ``ignore_range``: drop Range
-    headers so every blob GET gets a 200.  ``redirect_blobs``: answer blob GETs
-    with 307 to ``/_storage/...`` on the proxy itself (served without auth).
-    ``flip_byte``: blob offset whose byte is inverted in any answer covering it.
-    ``truncate``: number of blob answers (from now) cut off after ``truncate_at``
-    body bytes and the connection closed, as when a registry dies mid-answer.
-    ``log``: list of ``(method, path, range_header, status)``.
-    """
-
-    def __init__(self, upstream, latency=0.0, multirange="pass", ignore_range=False,
-                 redirect_blobs=False, flip_byte=None, redirect_query="", truncate=0,
-                 truncate_at=10):
-        self.upstream = upstream
-        self.latency = latency
-        self.multirange = multirange
-        self.ignore_range = ignore_range
-        self.redirect_blobs = redirect_blobs
-        self.redirect_query = redirect_query
-        self.flip_byte = flip_byte
-        self.truncate = truncate
-        self.truncate_at = truncate_at
-        self.log = []
-        self.lock = threading.Lock()
-        self.bytes_sent = 0
-        self._serve(_ProxyHandler)
-
-    def requests(self, method=None, kind=None):
-        """Logged requests, optionally only ``method`` and blob/redirect ones."""
-        out = []
-        for entry in list(self.log):
-            if method and entry[0] != method:
-                continue
-            if kind == "blob" and not (_BLOB_RE.match(entry[1].split("?")[0])
-                                       or entry[1].startswith(REDIRECT_PREFIX)):
-                continue
-            out.append(entry)
-        return out
-
-    def clear(self):
-        with self.lock:
-            self.log.clear()
-            self.bytes_sent = 0
-
-
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """Forwards every request to ``server.owner.upstream`` (a ``Proxy``) after
+    ``_route``; blob bodies get the owner's flipped byte and cut, paced by ``_pace``."""
+
     protocol_version = "HTTP/1.1"
+    block_size = 65536          # body bytes relayed (and paced, altered) at a time
 
     def log_message(self, *args):
         pass
@@ -416,13 +371,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _handle(self):
-        p = self.server.owner
-        if p.latency:
-            time.sleep(p.latency)
+    def _route(self, p, headers):
+        """``(upstream path, headers, is_blob)``, or None when already answered."""
         path = self.path
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in ("host", "connection", "keep-alive")}
         plain = path.split("?")[0]
         is_blob = self.command in ("GET", "HEAD") and _BLOB_RE.match(plain)
         if path.startswith(REDIRECT_PREFIX):
@@ -431,8 +382,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers.pop("Authorization", None)
         elif is_blob and p.redirect_blobs and self.command == "GET":
             sep = "?" if p.redirect_query else ""
-            return self._simple(307, {"Location": REDIRECT_PREFIX + plain + sep
-                                      + p.redirect_query})
+            self._simple(307, {"Location": REDIRECT_PREFIX + plain + sep + p.redirect_query})
+            return None
         rng = headers.get("Range") or headers.get("range")
         if is_blob and rng:
             if p.ignore_range:
@@ -441,7 +392,31 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if p.multirange == "200":
                     headers = {k: v for k, v in headers.items() if k.lower() != "range"}
                 else:
-                    return self._simple(int(p.multirange))
+                    self._simple(int(p.multirange))
+                    return None
+        return path, headers, is_blob
+
+    def _cut_after(self, p):
+        """Body bytes after which this blob answer is cut off (None: not cut)."""
+        with p.lock:
+            if p.truncate > 0:
+                p.truncate -= 1
+                return p.truncate_at
+        return None
+
+    def _pace(self, p, n):
+        """Called before ``n`` blob body bytes are sent."""
+
+    def _handle(self):
+        p = self.server.owner
+        if p.latency:
+            time.sleep(p.latency)
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "connection", "keep-alive")}
+        route = self._route(p, headers)
+        if route is None:
+            return
+        path, headers, is_blob = route
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         conn = http.client.HTTPConnection(p.upstream, timeout=30)
@@ -451,6 +426,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             conn.close()
             return self._simple(502)
+        try:
+            self._relay(p, resp, is_blob)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            conn.close()
+
+    def _relay(self, p, resp, is_blob):
         self._record(resp.status)
         self.send_response(resp.status)
         for k, v in resp.getheaders():
@@ -464,49 +447,102 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        cut = None
-        if is_blob and self.command == "GET" and resp.status in (200, 206):
-            with p.lock:
-                if p.truncate > 0:
-                    p.truncate -= 1
-                    cut = p.truncate_at
-        start = 0
+        if self.command == "HEAD":
+            return
+        blob_body = is_blob and resp.status in (200, 206)
+        flippable = blob_body and "multipart" not in (resp.getheader("Content-Type") or "")
+        cut = self._cut_after(p) if blob_body else None
         cr = _RANGE_RE.match(resp.getheader("Content-Range") or "")
-        if cr:
-            start = int(cr.group(1))
-        try:
-            if self.command == "HEAD":
-                return
-            while True:
-                block = resp.read(65536)
-                if not block:
-                    break
-                if (p.flip_byte is not None and is_blob and resp.status in (200, 206)
-                        and "multipart" not in (resp.getheader("Content-Type") or "")
-                        and start <= p.flip_byte < start + len(block)):
-                    i = p.flip_byte - start
-                    block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
-                if cut is not None:
-                    self.wfile.write(block[:cut])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                start += len(block)
-                if chunked:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
-                else:
-                    self.wfile.write(block)
+        pos = int(cr.group(1)) if cr else 0
+        sent = 0
+        flipped = False
+        while True:
+            block = resp.read(self.block_size)
+            if not block:
+                break
+            flip = p.flip_byte if flippable else None
+            if flip is not None and pos <= flip < pos + len(block):
+                i = flip - pos
+                block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
+                flipped = True
+            if cut is not None and sent + len(block) > cut:
+                self.wfile.write(block[:cut - sent])
+                self.wfile.flush()
                 with p.lock:
-                    p.bytes_sent += len(block)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        finally:
-            conn.close()
+                    p.faults += 1
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if blob_body:
+                self._pace(p, len(block))
+            pos += len(block)
+            sent += len(block)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            with p.lock:
+                p.bytes_sent += len(block)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        if flipped:
+            with p.lock:
+                p.faults += 1
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
+
+
+class Proxy(_ThreadedServer):
+    """An HTTP proxy in front of a plain-HTTP registry.
+
+    ``latency``: seconds slept before each request is forwarded.
+    ``multirange``: "pass" | "416" | "400" | "200" (answer multi-range GETs with
+    that status; "200" sends the whole blob).  ``ignore_range``: drop Range
+    headers so every blob GET gets a 200.  ``redirect_blobs``: answer blob GETs
+    with 307 to ``/_storage/...`` on the proxy itself (served without auth).
+    ``flip_byte``: blob offset whose byte is inverted in any answer covering it.
+    ``truncate``: number of blob answers (from now) cut off after ``truncate_at``
+    body bytes and the connection closed, as when a registry dies mid-answer.
+    ``log``: list of ``(method, path, range_header, status)``; ``bytes_sent``:
+    body bytes relayed; ``faults``: answers with a flipped byte or cut off.
+
+    Subclasses change the routing with their own ``handler`` (a subclass of
+    ``_ProxyHandler``); the forwarding, logging and body faults are shared.
+    """
+
+    handler = _ProxyHandler
+
+    def __init__(self, upstream, latency=0.0, multirange="pass", ignore_range=False,
+                 redirect_blobs=False, flip_byte=None, redirect_query="", truncate=0,
+                 truncate_at=10):
+        self.upstream = upstream
+        self.latency = latency
+        self.multirange = multirange
+        self.ignore_range = ignore_range
+        self.redirect_blobs = redirect_blobs
+        self.redirect_query = redirect_query
+        self.flip_byte = flip_byte
+        self.truncate = truncate
+        self.truncate_at = truncate_at
+        self.log = []
+        self.lock = threading.Lock()
+        self.bytes_sent = 0
+        self.faults = 0
+        self._serve(self.handler)
+
+    def requests(self, method=None, kind=None):
+        """Logged requests, optionally only ``method`` and blob/redirect ones."""
+        out = []
+        for entry in list(self.log):
+            if method and entry[0] != method:
+                continue
+            if kind == "blob" and not (_BLOB_RE.match(entry[1].split("?")[0])
+                                       or entry[1].startswith(REDIRECT_PREFIX)):
+                continue
+            out.append(entry)
+        return out
+
+    def clear(self):
+        with self.lock:
+            self.log.clear()
+            self.bytes_sent = 0
 
 
 # -- pushing test images --------------------------------------------------
