@@ -4,7 +4,7 @@ run), eStargz unoptimized, ``convert --analyze`` (inferred startup files) and
 ``convert --optimize`` (recorded startup files), in the same run over the same
 shaped link.
 
-The image is contrib/images.py's Debian python image (``--image python-gcc``
+The image is contrib/images.py's Debian python image (``--image python-full``
 adds the unread gcc toolchain layer).  It is pushed as gzip with skopeo and
 converted three times by ``stargz-overlay convert``.  Lazy starts are
 ``stargz-overlay mount --image`` (prefetch on, fresh cache each run) +
@@ -15,7 +15,7 @@ contrib/bench/netshape.py (default 20 ms RTT, 100 Mbit/s).  The median of
 ``recorded``.
 
     sudo .venv/bin/python contrib/bench/optimize_bench.py [--rtt-ms 20] [--mbit 100] \\
-        [--image python|python-gcc] [--repeat 3]
+        [--image python|python-full] [--repeat 3]
 
 Prints a table and writes JSON to contrib/bench/results/.  Needs root, /dev/fuse,
 fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.

@@ -3,10 +3,10 @@
 without prefetch, and the legacy pull + run, in the same run.
 
 The image is the real Debian python image of contrib/images.py (base + python
-layers, built offline); ``--image python-gcc`` adds the gcc toolchain layer
+layers, built offline); ``--image python-full`` adds the gcc toolchain layer
 under the python one, as in the official non-slim python images (the workload
-reads none of it; a legacy pull downloads it all).  It is pushed to a local docker-registry as the legacy
-gzip image (skopeo) and converted to eStargz twice by ``stargz-overlay
+reads none of it; a legacy pull downloads it all).  It is pushed to a local
+docker-registry as the legacy gzip image (skopeo) and converted to eStargz twice by ``stargz-overlay
 convert``: plain (no prioritized files) and optimized, with the files the
 workload reads at start-up, traced once through the plugin (``log_calls``),
 placed before ``.prefetch.landmark``.  All timed traffic goes through
@@ -29,7 +29,7 @@ local``, where the bytes needed are the layers' footers and TOCs plus the
 compressed bytes of the files the workload reads.
 
     sudo .venv/bin/python contrib/bench/prefetch_bench.py [--rtt-ms 20] [--mbit 100] \
-        [--image python|python-gcc] [--repeat 3]
+        [--image python|python-full] [--repeat 3]
 
 Each start is repeated (fresh cache, fresh podman storage) and the median is
 reported.
@@ -222,16 +222,6 @@ class PodmanLazy(Podman):
         shutil.rmtree(self.runroot, ignore_errors=True)
 
 
-def build_image(kind, layout):
-    """``oci:`` reference of the benchmark image ``kind``."""
-    if kind == "python":
-        return images.build("python", layout)
-    base_packages = set(images.closure(images.BASE_PACKAGES))
-    layers = [images.base_layer(), images.workload_layer("gcc", base_packages),
-              images.workload_layer("python", base_packages)]
-    return images.write_image(layout, kind, layers, ["python3", "-c", "print('hello')"])
-
-
 def median_row(rows):
     """The run with the median total time (its other figures with it)."""
     ordered = sorted(rows, key=lambda r: r["total_s"])
@@ -245,7 +235,7 @@ def bench_args(doc):
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--mbit", type=float, default=100.0)
-    parser.add_argument("--image", choices=("python", "python-gcc"), default="python")
+    parser.add_argument("--image", choices=("python", "python-full"), default="python")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each start (median)")
     parser.add_argument("--no-legacy", action="store_true", help="skip podman pull + run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -279,7 +269,7 @@ class Bench:
 
     def push_legacy(self):
         print(f"building the {self.args.image} image ...", flush=True)
-        self.oci = build_image(self.args.image, os.path.join(self.tmp, "oci"))
+        self.oci = images.build(self.args.image, os.path.join(self.tmp, "oci"))
         self.reg = Registry(self.tmp)
         self.direct = self.reg.host
         run(["skopeo", "copy", "-q", "--dest-tls-verify=false", self.oci,
