@@ -2,12 +2,14 @@
 
 Run through ``contrib/run demo`` (it installs everything first), as root::
 
-    contrib/run demo [--rtt-ms 30] [--mbit 100] [--keep]
+    contrib/run demo [--image python-full|python] [--rtt-ms 30] [--mbit 100] [--keep]
 
-1. builds a minimal Debian root with python3 from this machine's own Debian
-   packages (``contrib/images.py``; no internet; cached between runs under
-   ``~/.cache/stargz-overlay-demo``) and pushes it to a private docker-registry
-   on 127.0.0.1 as an ordinary gzip image;
+1. builds a Debian python image from this machine's own Debian packages
+   (``contrib/images.py``; no internet; cached between runs under
+   ``~/.cache/stargz-overlay-demo``): by default ``python-full``, python3 on a
+   build toolchain like the official python image (90 MB); ``--image python``
+   is a minimal root with python3 only (21 MB).  It is pushed to a private
+   docker-registry on 127.0.0.1 as an ordinary gzip image;
 2. converts it with ``stargz-overlay convert --analyze`` (eStargz, the files
    python needs at startup first, so they arrive in one prefetch);
 3. puts the registry behind a shaped link (default 30 ms round trip,
@@ -39,8 +41,6 @@ CLI = [sys.executable, "-m", "stargz_overlay"]
 COMMAND = ["python3", "-c", "print('hello')"]
 PODMAN_RUN = ["run", "--network", "none", "--ulimit", "nofile=1024:1024",
               "--ulimit", "nproc=1024:1024"]    # (no --rm: see Podman.run)
-IMAGE_PACKAGES = ("libc6", "dash", "coreutils", "python3-minimal", "python3.11",
-                  "python3.11-minimal", "libpython3.11-stdlib", "libpython3.11-minimal")
 
 
 class DemoError(Exception):
@@ -160,24 +160,25 @@ class Podman:
                        capture_output=True)
 
 
-def image_layout(cache_root):
-    """The python image as an OCI layout (built once per set of package versions)."""
-    versions = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Version}\n",
-                               *IMAGE_PACKAGES], capture_output=True, text=True).stdout
-    key = hashlib.sha256(versions.encode()).hexdigest()[:16]
-    layout = os.path.join(cache_root, f"python-{key}")
-    if os.path.exists(os.path.join(layout, "index.json")):
-        say(f"[  0.00 s] reused the python image built earlier ({layout})")
-        return layout
+def image_layout(cache_root, kind):
+    """The python image ``kind`` as an OCI layout (built once per set of package versions)."""
     sys.path.insert(0, HERE)
     import images
+    versions = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Version}\n",
+                               *images.image_packages(kind)],
+                              capture_output=True, text=True).stdout
+    key = hashlib.sha256(versions.encode()).hexdigest()[:16]
+    layout = os.path.join(cache_root, f"{kind}-{key}")
+    if os.path.exists(os.path.join(layout, "index.json")):
+        say(f"[  0.00 s] reused the {kind} image built earlier ({layout})")
+        return layout
     start = time.monotonic()
     tmp = layout + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    images.build("python", tmp)
+    images.build(kind, tmp, tag="python")
     os.rename(tmp, layout)
-    say(f"[{time.monotonic() - start:6.2f} s] built a minimal Debian root with python3 from "
-        f"this machine's packages (cached in {layout})")
+    say(f"[{time.monotonic() - start:6.2f} s] built the {kind} image from this machine's "
+        f"Debian packages (cached in {layout})")
     return layout
 
 
@@ -226,7 +227,7 @@ def demo(args):
     registry = shaper = store_mnt = None
     podmans = []
     try:
-        layout = image_layout(cache_root)
+        layout = image_layout(cache_root, args.image)
         registry = Registry(os.path.join(work, "registry"))
         timed("pushed it to a local docker-registry as an ordinary gzip image",
               ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:python",
@@ -319,6 +320,9 @@ def demo(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", choices=("python-full", "python"), default="python-full",
+                        help="python3 on a build toolchain like the official python image "
+                             "(default), or a minimal root with python3 only")
     parser.add_argument("--rtt-ms", type=float, default=30.0, help="link round trip (ms)")
     parser.add_argument("--mbit", type=float, default=100.0, help="link bandwidth (Mbit/s)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -187,6 +187,16 @@ def write_image(layout_dir, tag, layers, cmd):
     return f"oci:{os.path.abspath(layout_dir)}:{tag}"
 
 
+def image_packages(kind):
+    """The Debian packages image ``kind`` is made of (with their dependencies)."""
+    names = list(BASE_PACKAGES)
+    if kind in ("gcc", "python-full"):
+        names += WORKLOAD_PACKAGES["gcc"]
+    if kind in ("python", "python-full", "bigdata"):
+        names += WORKLOAD_PACKAGES["python"]
+    return closure(names)
+
+
 def build(kind, layout_dir, tag=None):
     """Build image ``kind`` into ``layout_dir``; returns its ``oci:`` reference."""
     tag = tag or kind

@@ -81,7 +81,7 @@ def test_pull_fetches_no_layer_blob_and_run_fetches_only_what_is_read(env, image
     # a second run reads from the cache: nothing more of the app layer is fetched
     mark = env.mark()
     assert run(env, ref, "cat", "/app/hello.txt").stdout == "hello from a lazy layer\n"
-    assert env.layer_gets(app, mark)[1] < len(BIG) // 4     # the TOC again (a new mount)
+    assert env.layer_gets(app, mark)[1] == 0      # the file and the TOC come from the cache
     assert env.status()["images"]
     env.podman("rmi", ref)
 
