@@ -4,8 +4,8 @@ run), eStargz unoptimized, ``convert --analyze`` (inferred startup files) and
 ``convert --optimize`` (recorded startup files), in the same run over the same
 shaped link.
 
-The image is contrib/images.py's Debian python image (``--image python-full``
-adds the unread gcc toolchain layer).  It is pushed as gzip with skopeo and
+The image is the demo's, contrib/images.py's ``python-full`` (``--image python``:
+the minimal root without the unread gcc toolchain layer).  It is pushed as gzip with skopeo and
 converted three times by ``stargz-overlay convert``.  Lazy starts are
 ``stargz-overlay mount --image`` (prefetch on, fresh cache each run) +
 ``chroot MNT python3 -c "print('hello')"``; the legacy start is ``podman pull``
@@ -15,7 +15,7 @@ contrib/bench/netshape.py (default 20 ms RTT, 100 Mbit/s).  The median of
 ``recorded``.
 
     sudo .venv/bin/python contrib/bench/optimize_bench.py [--rtt-ms 20] [--mbit 100] \\
-        [--image python|python-full] [--repeat 3]
+        [--image python-full|python] [--repeat 3]
 
 Prints a table and writes JSON to contrib/bench/results/.  Needs root, /dev/fuse,
 fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.

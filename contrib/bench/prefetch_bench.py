@@ -2,12 +2,12 @@
 """Cold start of the demo python image over a shaped link: lazy with prefetch, lazy
 without prefetch, and the legacy pull + run, in the same run.
 
-The image is the real Debian python image of contrib/images.py (base + python
-layers, built offline); ``--image python-full`` adds the gcc toolchain layer
-under the python one, as in the official non-slim python images (the workload
-reads none of it; a legacy pull downloads it all).  It is pushed to a local
-docker-registry as the legacy gzip image (skopeo) and converted to eStargz twice by ``stargz-overlay
-convert``: plain (no prioritized files) and optimized, with the files the
+The image is the demo's, from contrib/images.py (built offline): ``python-full``,
+python3 on the gcc toolchain layer as in the official non-slim python images (the
+workload reads none of the toolchain; a legacy pull downloads it all);
+``--image python`` is the minimal root with python3 only.  It is pushed to a local
+docker-registry as the legacy gzip image (skopeo) and converted to eStargz twice by
+``stargz-overlay convert``: plain (no prioritized files) and optimized, with the files the
 workload reads at start-up, traced once through the plugin (``log_calls``),
 placed before ``.prefetch.landmark``.  All timed traffic goes through
 contrib/bench/netshape.py (default 20 ms RTT, 100 Mbit/s), checked with its
@@ -29,7 +29,7 @@ local``, where the bytes needed are the layers' footers and TOCs plus the
 compressed bytes of the files the workload reads.
 
     sudo .venv/bin/python contrib/bench/prefetch_bench.py [--rtt-ms 20] [--mbit 100] \
-        [--image python|python-full] [--repeat 3]
+        [--image python-full|python] [--repeat 3]
 
 Each start is repeated (fresh cache, fresh podman storage) and the median is
 reported.
@@ -235,7 +235,7 @@ def bench_args(doc):
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--mbit", type=float, default=100.0)
-    parser.add_argument("--image", choices=("python", "python-full"), default="python")
+    parser.add_argument("--image", choices=("python-full", "python"), default="python-full")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each start (median)")
     parser.add_argument("--no-legacy", action="store_true", help="skip podman pull + run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
