@@ -304,11 +304,12 @@ def plot(results, table, path):
         p95s = [table[kind][m]["p95_s"] - table[kind][m]["median_s"] for m in modes]
         bars = ax.bar(modes, meds, yerr=[[0] * len(modes), p95s], capsize=3,
                       color=["#888888", "#4878cf", "#6acc65"][:len(modes)])
-        for bar, mode in zip(bars, modes):
+        for bar, mode, extra in zip(bars, modes, p95s):
             ratio = table[kind][mode]["x_legacy"]
             if ratio is not None:
                 ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2,
-                                               bar.get_height()),
+                                               bar.get_height() + extra),
+                            xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=8)
         ax.set_ylim(0, max(m + p for m, p in zip(meds, p95s)) * 1.25)
         floor = table[kind]["_"]["floor_s"]
