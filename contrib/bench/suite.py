@@ -31,7 +31,7 @@ remaining samples with a message.
         [--images python,python-full,gcc,bigdata] [--deadline-min 30]
 
 Writes a text table, JSON and (when matplotlib imports) a PNG to
-contrib/bench/results/.  Needs root, /dev/fuse, fuse-overlayfs 1.x,
+contrib/bench/results/ (``--out DIR`` elsewhere).  Needs root, /dev/fuse, fuse-overlayfs 1.x,
 docker-registry, skopeo, podman and runc.
 """
 
@@ -48,7 +48,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefetch_bench import (CLI, ENV, HERE, ROOT, Podman, PodmanLazy,  # noqa: E402
+from prefetch_bench import (CLI, ENV, HERE, Podman, PodmanLazy,  # noqa: E402
                             registries_conf, run)
 from netshape import Shaper, verify  # noqa: E402
 from stargz_overlay.access_log import read_accesses  # noqa: E402
@@ -324,7 +324,7 @@ def plot(results, table, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return f"plot written to {os.path.relpath(path, ROOT)}"
+    return f"plot written to {path}"
 
 
 def main():
@@ -339,6 +339,8 @@ def main():
                         help="stop (skipping what is left) this many minutes after start")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"),
+                        help="directory for the text, JSON and PNG results")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (FUSE mounts, podman, drop_caches)")
@@ -438,9 +440,9 @@ def main():
         table, targets = summarise(results, args)
         results["table"] = table
         results["targets"] = {k: {"value": v, "met": ok} for k, (v, ok) in targets.items()}
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = os.path.join(HERE, "results", f"suite-{stamp}")
+        base = os.path.join(args.out, f"suite-{stamp}")
         results["plot"] = plot(results, table, base + ".png")
         text = render(results, table, targets)
         print("\n" + text + results["plot"])
@@ -448,7 +450,7 @@ def main():
             f.write(text)
         with open(base + ".json", "w") as f:
             json.dump(results, f, indent=2)
-        print(f"written to {os.path.relpath(base, ROOT)}.txt/.json")
+        print(f"written to {base}.txt/.json")
         return 0
     finally:
         if shaper is not None:

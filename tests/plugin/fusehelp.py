@@ -42,10 +42,13 @@ def require_fuse():
         pytest.skip(msg)
 
 
-def plugin_so():
-    """The package's libstargz_plugin.so, (re)built when missing or older than cstub/."""
-    import stargz_overlay
-    so = os.path.join(os.path.dirname(stargz_overlay.__file__), "libstargz_plugin.so")
+def plugin_so(package_dir=None):
+    """libstargz_plugin.so of the imported package (or of the package in
+    ``package_dir``), (re)built when missing or older than cstub/."""
+    if package_dir is None:
+        import stargz_overlay
+        package_dir = os.path.dirname(stargz_overlay.__file__)
+    so = os.path.join(package_dir, "libstargz_plugin.so")
     cstub = os.path.join(REPO, "cstub")
     newest = max(os.path.getmtime(os.path.join(cstub, n)) for n in os.listdir(cstub)
                  if n.endswith((".c", ".h", ".py")))
