@@ -19,15 +19,12 @@ in the daemon, never before fuse-overlayfs forks.
 """
 
 import contextlib
-import copy
 import ctypes
 import logging
-import socket
 import threading
 import time
-from urllib.parse import urljoin
 
-from .errors import RangeNotSupported, RegistryError, SourceError, StargzError
+from .errors import RangeNotSupported, SourceError, StargzError
 
 log = logging.getLogger("stargz_overlay.plugin")
 
@@ -36,7 +33,6 @@ TAIL_GUESS = 64 << 10          # registry blobs: bytes read with the footer (the
 BACKGROUND_RCVBUF = 256 << 10  # receive buffer of background connections: bounds what
                                # still arrives after background fetching pauses
 LOCAL_WINDOW = 16 << 20        # bytes per read when a source cannot stream
-_REDIRECTS = (301, 302, 303, 307, 308)
 _local = threading.local()
 
 
@@ -417,10 +413,10 @@ class RangeStream:
             self._slot = metered.limiter.slot(metered.host, background=self.kind == "background")
             self._slot.__enter__()
         inner = metered.inner
-        if hasattr(inner, "client") and hasattr(inner, "_with_fallback"):
+        if hasattr(inner, "open_range"):
             self._count_request(pos, self.end - pos)
-            self._response = _open_registry_range(inner, pos, self.end,
-                                                  background=self.kind == "background")
+            self._response = inner.open_range(
+                pos, self.end, rcvbuf=BACKGROUND_RCVBUF if self.kind == "background" else None)
             client = inner.client
 
             def blocks(resp=self._response):
@@ -469,85 +465,3 @@ class RangeStream:
 
     def __exit__(self, *exc):
         self.close()
-
-
-_quiet_endpoints = {}
-_quiet_lock = threading.Lock()
-
-
-def _quiet_endpoint(ep):
-    """A twin of registry Endpoint ``ep`` (same auth) whose connections have a small
-    receive buffer: when a background stream stops reading, the sender stops within
-    BACKGROUND_RCVBUF bytes instead of filling an autotuned buffer of megabytes."""
-    with _quiet_lock:
-        twin = _quiet_endpoints.get(id(ep))
-        if twin is not None and twin[0] is ep:
-            return twin[1]
-        import requests
-        from urllib3.connection import HTTPConnection
-        options = HTTPConnection.default_socket_options + [
-            (socket.SOL_SOCKET, socket.SO_RCVBUF, BACKGROUND_RCVBUF)]
-        quiet = copy.copy(ep)
-        session = requests.Session()
-        session.headers.update(ep.session.headers)
-        session.verify = ep.session.verify
-        session.trust_env = ep.session.trust_env
-        for prefix, adapter in ep.session.adapters.items():
-            twin_adapter = copy.copy(adapter)
-            twin_adapter.init_poolmanager(adapter._pool_connections, adapter._pool_maxsize,
-                                          block=adapter._pool_block, socket_options=options)
-            session.mount(prefix, twin_adapter)
-        quiet.session = session
-        _quiet_endpoints[id(ep)] = (ep, quiet)
-        return quiet
-
-
-def _open_registry_range(blob, start, end, background=False):
-    """A streamed 206 response for bytes ``[start, end)`` of a RegistryBlob (one GET)."""
-    from .auth import scope_for
-    from .registry import Deadline
-
-    client = blob.client
-    header = f"bytes={start}-{end - 1}"
-    what = f"blob {blob.digest} bytes {start}-{end - 1}"
-
-    def attempt(src):
-        ep = blob._endpoint(src)
-        if background:
-            ep = _quiet_endpoint(ep)
-        deadline = Deadline(client.deadline)
-        url = blob._cached_redirect()
-        for _ in range(3):
-            if url is not None:
-                target, auth, where = client.storage_endpoint(url), False, url
-            else:
-                target, auth, where = ep, True, blob._path(src)
-            client.stats.add("range_requests")
-            resp = client.call(target, "GET", where, what=what, deadline=deadline,
-                               scopes=[scope_for(src.reference.repository)],
-                               headers={"Range": header}, auth=auth, allow_redirects=False)
-            status = resp.status_code
-            if status in _REDIRECTS and resp.headers.get("Location"):
-                url = urljoin(resp.url, resp.headers["Location"])
-                client.stats.add("redirects")
-                resp.close()
-                continue
-            if status == 206:
-                content_range = resp.headers.get("Content-Range", "")
-                if not content_range.startswith(f"bytes {start}-{end - 1}/"):
-                    resp.close()
-                    raise RegistryError(f"{target.host}: {what}: answered {content_range!r}")
-                return resp
-            if status == 200 and start == 0 and end == blob.size:
-                return resp
-            if status == 200:
-                resp.close()
-                client.stats.add("full_body_aborts")
-                raise RangeNotSupported(f"{target.host}: {what}: the registry ignores Range "
-                                        f"requests (it answered with the whole blob)")
-            error = client._status_error(resp, f"blob {blob.digest}", target)
-            resp.close()
-            raise error
-        raise RegistryError(f"{what}: too many redirects")
-
-    return blob._with_fallback(attempt)

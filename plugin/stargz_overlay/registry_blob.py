@@ -6,10 +6,14 @@ refuses (400/416/501) or answers 200 is remembered and served single ranges.
 A whole blob is never downloaded when a range was asked: a 200 answer is
 aborted unread.  Redirects to blob storage are followed and the target URL
 is cached until it expires.  Nearby ranges are merged into one.
+``open_range`` hands out one range as a streamed response instead, for
+readers that consume a long range as it arrives.
 """
 
+import copy
 import logging
 import re
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -97,6 +101,36 @@ def parse_multipart(body, content_type):
     raise _Retry("truncated multipart answer")
 
 
+_twins = {}
+_twins_lock = threading.Lock()
+
+
+def _small_buffer_twin(ep, rcvbuf):
+    """A twin of Endpoint ``ep`` (same auth, same host state) whose connections have a
+    ``rcvbuf``-byte receive buffer instead of an autotuned one of megabytes."""
+    with _twins_lock:
+        twin = _twins.get((id(ep), rcvbuf))
+        if twin is not None and twin[0] is ep:
+            return twin[1]
+        import requests
+        from urllib3.connection import HTTPConnection
+        options = HTTPConnection.default_socket_options + [
+            (socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)]
+        quiet = copy.copy(ep)
+        session = requests.Session()
+        session.headers.update(ep.session.headers)
+        session.verify = ep.session.verify
+        session.trust_env = ep.session.trust_env
+        for prefix, adapter in ep.session.adapters.items():
+            twin_adapter = copy.copy(adapter)
+            twin_adapter.init_poolmanager(adapter._pool_connections, adapter._pool_maxsize,
+                                          block=adapter._pool_block, socket_options=options)
+            session.mount(prefix, twin_adapter)
+        quiet.session = session
+        _twins[(id(ep), rcvbuf)] = (ep, quiet)
+        return quiet
+
+
 class RegistryBlob:
     """One blob of a repository, tried at its pull sources in order."""
 
@@ -129,6 +163,17 @@ class RegistryBlob:
     def read_at(self, offset, length):
         """Exactly ``length`` bytes at ``offset`` or SourceError/RegistryError."""
         return self.read_ranges([(offset, length)])[0]
+
+    def open_range(self, start, end, rcvbuf=None):
+        """A streamed answer (``iter_content``, ``close``) for bytes ``[start, end)``: one
+        GET, 206 (200 when the range is the whole blob).  ``rcvbuf`` (bytes): a small
+        receive buffer for the connection, so that a reader that stops reading stops
+        the sender within about that many bytes (background streams).
+        RangeNotSupported when the registry ignores Range requests."""
+        if not 0 <= start < end <= self.size:
+            raise SourceError(f"{self}: range {start}-{end} is outside the blob "
+                              f"({self.size} bytes)")
+        return self._with_fallback(lambda src: self._open_stream(src, start, end, rcvbuf))
 
     def read_ranges(self, ranges):
         """The bytes of each ``(offset, length)``, in the order given."""
@@ -281,6 +326,48 @@ class RegistryBlob:
                 continue
             return result
         raise RegistryError(f"{ep.host}: blob {self.digest}: too many redirects")
+
+    def _open_stream(self, src, start, end, rcvbuf):
+        client = self.client
+        header = f"bytes={start}-{end - 1}"
+        what = f"blob {self.digest} bytes {start}-{end - 1}"
+        ep = self._endpoint(src)
+        if rcvbuf:
+            ep = _small_buffer_twin(ep, rcvbuf)
+        deadline = Deadline(client.deadline)
+        url = self._cached_redirect()
+        for _ in range(3):
+            if url is not None:
+                target, auth, where = client.storage_endpoint(url), False, url
+            else:
+                target, auth, where = ep, True, self._path(src)
+            client.stats.add("range_requests")
+            resp = client.call(target, "GET", where, what=what, deadline=deadline,
+                               scopes=[scope_for(src.reference.repository)],
+                               headers={"Range": header}, auth=auth, allow_redirects=False)
+            status = resp.status_code
+            if status in _REDIRECTS and resp.headers.get("Location"):
+                url = urljoin(resp.url, resp.headers["Location"])
+                client.stats.add("redirects")
+                resp.close()
+                continue
+            if status == 206:
+                content_range = resp.headers.get("Content-Range", "")
+                if not content_range.startswith(f"bytes {start}-{end - 1}/"):
+                    resp.close()
+                    raise RegistryError(f"{target.host}: {what}: answered {content_range!r}")
+                return resp
+            if status == 200 and start == 0 and end == self.size:
+                return resp
+            if status == 200:
+                resp.close()
+                client.stats.add("full_body_aborts")
+                raise RangeNotSupported(f"{target.host}: {what}: the registry ignores Range "
+                                        f"requests (it answered with the whole blob)")
+            error = client._status_error(resp, f"blob {self.digest}", target)
+            resp.close()
+            raise error
+        raise RegistryError(f"{what}: too many redirects")
 
     def _handle_range(self, resp, target, spans, deadline):
         status = resp.status_code
