@@ -7,8 +7,9 @@ through PATH), ELF ``PT_INTERP`` and ``DT_NEEDED`` libraries found through the
 image's own search paths (``DT_RPATH``/``DT_RUNPATH`` with ``$ORIGIN``,
 ``LD_LIBRARY_PATH``, ``/etc/ld.so.conf`` and its includes, the default
 multiarch directories; musl's ``/etc/ld-musl-ARCH.path``), the first commands
-of ``sh -c``, scripts ending in ``exec "$@"``, and for Python the modules
-imported at startup (see ``analyze_python``).
+of ``sh -c``, scripts ending in ``exec "$@"``, for Python the modules
+imported at startup (see ``analyze_python``) and for a GCC driver what its
+compile and link read (see ``analyze_gcc``).
 
 Each file found carries the reason it is needed and the layer that holds it;
 ``Analysis.by_layer()`` turns the result into per-layer prioritized lists for
@@ -24,6 +25,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from .analyze_gcc import GccCompile, is_driver
 from .analyze_python import PYTHON_NAME, PythonStartup
 from .elf import is_elf, parse_elf
 from .errors import DigestMismatch, FormatError, StargzError
@@ -39,6 +41,7 @@ SHELL_BUILTINS = {"cd", "set", "export", "echo", "true", "false", ":", "source",
                   "[", "trap", "umask", "ulimit", "unset", "wait", "printf", "shift", "read",
                   "local", "readonly", "if", "then", "fi", "else", "for", "do", "done", "while"}
 _MUSL_RESERVED = {"libc", "libpthread", "librt", "libm", "libdl", "libutil", "libxnet"}
+_REDIRECTIONS = {">", ">>", "<", ">|", "<>", ">&", "<&", "&>"}
 _EXEC_ARGS_RE = re.compile(rb'exec\s+(?:"\$@"|"\$\{@\}"|\$@)')
 
 
@@ -145,6 +148,7 @@ class Analyzer:
         self._files = collections.OrderedDict()
         self._elf = {}                # real path -> ElfInfo or None (bad)
         self._problems = set()
+        self.written = {}             # path -> text a sh -c command wrote (printf/echo > FILE)
 
     # -- bookkeeping -------------------------------------------------------
     def record(self, node, reason):
@@ -254,6 +258,8 @@ class Analyzer:
             self.shell(node, argv, depth)
         elif kind == "env":
             self.env_command(node, argv[1:], depth)
+        elif kind == "gcc":
+            GccCompile(self, loader, node, argv, depth).run()
 
     def exec_script(self, node, path, argv, head, depth):
         line = head[2:].split(b"\n", 1)[0].strip(b" \t\r")
@@ -297,12 +303,19 @@ class Analyzer:
         except ValueError as exc:
             self.problem(f"cannot parse the {shell.path} -c command {text!r}: {exc}")
             return
-        commands, current = [], []
+        commands, current, redirect = [], [], None
         for token in tokens:
-            if token and all(c in ";&|()<>" for c in token):
+            if token in _REDIRECTIONS:
+                redirect = token          # the next word is a file, not a command
+            elif token and all(c in ";&|()<>" for c in token):
                 if current:
                     commands.append(current)
-                current = []
+                current, redirect = [], None
+            elif redirect is not None:
+                if redirect in (">", ">>") and current and current[0] in ("printf", "echo"):
+                    path = posixpath.normpath(posixpath.join(self.cwd, token))
+                    self.written[path] = _shell_output(current)
+                redirect = None
             else:
                 current.append(token)
         if current:
@@ -344,10 +357,24 @@ class Analyzer:
             self.exec(args[i:], f"run by {node.path}", depth + 1)
 
 
+def _shell_output(words):
+    """The text ``printf FORMAT [ARG]...`` or ``echo [ARG]...`` writes (%s and escapes)."""
+    if words[0] == "echo":
+        text = " ".join(w for w in words[1:] if w not in ("-n", "-e")) + "\n"
+    else:
+        args = iter(words[2:])
+        fmt = words[1] if len(words) > 1 else ""
+        text = re.sub(r"%%|%[sb]", lambda m: "%" if m.group() == "%%" else next(args, ""), fmt)
+    escapes = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'", "r": "\r"}
+    return re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group()), text)
+
+
 def _program_kind(name):
     """What a program name says it is (busybox applets go by argv[0])."""
     if PYTHON_NAME.match(name):
         return "python"
+    if is_driver(name):
+        return "gcc"
     if name == "env":
         return "env"
     if name in SHELLS:
