@@ -39,6 +39,9 @@ INO_LAYER_STRIDE = 1 << 32  # each layer of a process gets its own range
 PRIVATE_DIRS = ("tree", "xattr-files", "specials")   # per-layer state under the layer dir
 TYPE_MODE = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
              "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+PATH_MAX = 4096             # bytes, the terminating NUL included
+SHORT_PATH = PATH_MAX // 4  # characters: under PATH_MAX even at 4 bytes each
 TYPE_DT = {"dir": 4, "reg": 8, "symlink": 10, "char": 2, "block": 6, "fifo": 1}  # DT_*
 
 
@@ -76,14 +79,13 @@ def remove_tree(path):
         pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     todo = [base]
     moved = 0
     try:
         while todo:
             name = todo.pop()
             try:
-                fd = os.open(name, flags, dir_fd=pfd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             except FileNotFoundError:
                 continue
             except OSError:                     # not a directory (or a symlink to one)
@@ -271,49 +273,75 @@ class LayerView:
         return value
 
     # -- directories on disk --
+    #
+    # Only opening a skeleton directory takes a path; everything else is done
+    # relative to a directory fd, so a layer path of any legal length works
+    # (tree/ + a 4095-byte name exceeds PATH_MAX).  The skeleton holds only
+    # directories and hard links to a regular file, never a symlink.
 
-    def skeleton_dir(self, path):
-        """Absolute path of the materialised skeleton directory ``path`` (normalised)."""
+    def open_dir(self, path):
+        """O_RDONLY fd of the materialised skeleton directory ``path`` (normalised)."""
         entry = self.paths.get(path)
         if entry is None:
             raise fs_error(errno.ENOENT)
         if entry.type != "dir":
             raise fs_error(errno.ENOTDIR)
         with self._skel_lock:
-            self._make_dir(path)
-        return os.path.join(self.tree, path) if path else self.tree
+            return self._make_dir(path)
+
+    def _open_skeleton(self, path):
+        """fd of the existing skeleton directory ``path``: one open by absolute path when
+        it fits under PATH_MAX (the common case), else one component at a time."""
+        full = f"{self.tree}/{path}" if path else self.tree
+        if len(full) < SHORT_PATH or len(os.fsencode(full)) < PATH_MAX:
+            return os.open(full, DIR_FLAGS)
+        fd = os.open(self.tree, DIR_FLAGS)
+        try:
+            for part in path.split("/"):
+                fd, parent = os.open(part, DIR_FLAGS, dir_fd=fd), fd
+                os.close(parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _make_dir(self, path):
-        """Materialise ``path`` and any missing parents, top-down (no recursion: a
-        layer may nest thousands of directories)."""
+        """fd of ``path``, materialised with any missing parents, top-down (no
+        recursion: a layer may nest thousands of directories)."""
         chain = []
         while path not in self._made:
             chain.append(path)
             if not path:
                 break
             path = posixpath.dirname(path)
-        for path in reversed(chain):
-            self._populate(path)
-
-    def _populate(self, path):
-        target = os.path.join(self.tree, path) if path else self.tree
+        if not chain:
+            return self._open_skeleton(path)
+        chain.reverse()
+        fd = self._open_skeleton(chain[0])     # exists: its parent was populated
         try:
-            os.mkdir(target, 0o700)
-        except FileExistsError:
-            pass
+            for depth, path in enumerate(chain):
+                if depth:
+                    fd, parent = os.open(posixpath.basename(path), DIR_FLAGS, dir_fd=fd), fd
+                    os.close(parent)
+                self._populate(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _populate(self, fd, path):
         for name, child in self.listing[path].items():
-            child_path = os.path.join(target, name)
             try:
                 if child.type == "dir":
-                    os.mkdir(child_path, 0o700)
+                    os.mkdir(name, 0o700, dir_fd=fd)
                 else:
-                    self._placeholder_link(child_path)
+                    self._placeholder_link(fd, name)
             except FileExistsError:
                 pass
-        self._apply_metadata(target, self.paths[path])
+        self._apply_metadata(fd, self.paths[path])
         self._made.add(path)
 
-    def _placeholder_link(self, path):
+    def _placeholder_link(self, dir_fd, name):
         """A name for a non-directory: a hard link to one empty file (no new inode)."""
         while True:
             if self._placeholder is None:
@@ -324,21 +352,21 @@ class LayerView:
                 os.close(os.open(self._placeholder, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
                                  0o600))
             try:
-                os.link(self._placeholder, path)
+                os.link(self._placeholder, name, dst_dir_fd=dir_fd)
                 return
             except OSError as exc:
                 if exc.errno != errno.EMLINK:
                     raise
                 self._placeholder = None       # link count limit: start another one
 
-    def _apply_metadata(self, target, entry):
-        self._set_xattrs(target, entry)
+    def _apply_metadata(self, fd, entry):
+        self._set_xattrs(fd, entry)
         try:
-            os.chown(target, entry.uid, entry.gid, follow_symlinks=False)
+            os.fchown(fd, entry.uid, entry.gid)
         except OSError as exc:
-            log.debug("%s: cannot chown %s: %s", self.label, target, exc)
-        os.chmod(target, entry.mode)
-        os.utime(target, (entry.mtime, entry.mtime), follow_symlinks=False)
+            log.debug("%s: cannot chown %r: %s", self.label, entry.name, exc)
+        os.fchmod(fd, entry.mode)
+        os.utime(fd, (entry.mtime, entry.mtime))
 
     # -- opening --
 
@@ -367,7 +395,7 @@ class LayerView:
         if entry is None:
             raise fs_error(errno.ENOENT)
         if entry.type == "dir":
-            return os.open(self.skeleton_dir(name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return self.open_dir(name)
         if flags & os.O_DIRECTORY:
             raise fs_error(errno.ENOTDIR)
         if entry.type != "reg":
@@ -418,10 +446,12 @@ class LayerView:
                 self._set_xattrs(path, entry)
         return path
 
-    def _set_xattrs(self, path, entry):
+    def _set_xattrs(self, target, entry):
+        """Set ``entry``'s xattrs on ``target``, an fd or a path (never followed)."""
+        nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
         for key, value in entry.xattrs.items():
             try:
-                os.setxattr(path, key, value, follow_symlinks=False)
+                os.setxattr(target, key, value, **nofollow)
             except OSError as exc:
                 log.warning("%s: cannot set xattr %s on %s: %s", self.label, key,
                             entry.name, exc)

@@ -213,7 +213,7 @@ def sz_opendir(l, path):
     STATE.touch()
     view = _view(l)
     name = normalize(_path(path))
-    fd = os.open(view.skeleton_dir(name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = view.open_dir(name)
     dirp = lib.sz_fdopendir(fd)
     if dirp == ffi.NULL:
         err = ffi.errno

@@ -318,26 +318,28 @@ class StoreView:
         # never let fuse-overlayfs mark a namespace directory as loaded (see the module doc)
         raise fs_error(errno.ENOENT)
 
-    def skeleton_dir(self, path):
+    def open_dir(self, path):
         node, rest = self._resolve(path)
         if rest is not None:
-            return node.skeleton_dir(normalize(rest))
-        if node.kind == "root":
-            return os.path.join(self.workdir, "root")
+            return node.open_dir(normalize(rest))
         if node.kind == "layer":
             self._released(node.layer)
-        if node.kind in ("namespace", "ref", "layer"):
-            return os.path.join(self.workdir, "ns")
-        raise fs_error(errno.ENOTDIR)
+        if node.kind not in ("root", "namespace", "ref", "layer"):
+            raise fs_error(errno.ENOTDIR)
+        return self._own_dir(node)
+
+    def _own_dir(self, node):
+        """fd of the real directory that stands for one of the store's own directories."""
+        sub = "root" if node.kind == "root" else "ns"
+        return os.open(os.path.join(self.workdir, sub),
+                       os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def open(self, path, flags):
         node, rest = self._resolve(path)
         if rest is not None:
             return node.open(rest, flags)
         if node.kind in ("root", "namespace", "ref", "layer"):
-            sub = "root" if node.kind == "root" else "ns"
-            return os.open(os.path.join(self.workdir, sub),
-                           os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return self._own_dir(node)
         if flags & os.O_DIRECTORY:
             raise fs_error(errno.ENOTDIR)
         if node.kind == "use":

@@ -222,10 +222,6 @@ def test_a_deep_layer_directory_is_reset_by_the_next_mount(tmp_path, so, mounts)
             assert sorted(os.listdir(layer_dir)) == [".lock"]
 
 
-@pytest.mark.xfail(strict=True, reason="layer_view materialises skeleton directories by absolute "
-                   "path (layer dir + '/tree/' + name): for a 4095-byte layer path that exceeds "
-                   "PATH_MAX, so opendir fails with ENAMETOOLONG and the file reads as ENOENT "
-                   "(the mount stays up); fd-relative skeleton operations would lift the limit")
 def test_a_path_of_4095_bytes_is_served(tmp_path, so, mounts):
     case = next(c for c in CASES if c.id == "longest-legal-names")
     blob = build(case, str(tmp_path / "layer.blob"))
