@@ -29,11 +29,11 @@ name (triple prefix, ``-N`` suffix) or its ELF machine.  From its options
 Programs run with their ELF dependencies through the analyzer's own loader.
 Knowingly left out, to stay lean and bounded: ``#if`` is not evaluated (a
 conditional include that exists is listed, one that does not is skipped), nor
-are macro-named includes; at most ``MAX_HEADERS`` headers; ``lto-wrapper`` and
-``lto1`` only with ``-flto``; message catalogs, locale files and ``specs``
-(read only under a non-C locale or when present); ``-B``, ``--sysroot``,
-``-specs``, ``GCC_EXEC_PREFIX`` and ``COMPILER_PATH``; the program the command
-builds (it is not in the image).
+are macro-named includes and ``-include``/``-imacros`` files; at most
+``MAX_HEADERS`` headers; ``lto-wrapper`` and ``lto1`` only with ``-flto``;
+message catalogs, locale files and ``specs`` (read only under a non-C locale
+or when present); ``-B``, ``--sysroot``, ``-specs``, ``GCC_EXEC_PREFIX`` and
+``COMPILER_PATH``; the program the command builds (it is not in the image).
 """
 
 import posixpath
@@ -163,6 +163,8 @@ class GccCompile:
         self.lib = self.libexec = None
         self.headers = 0
         self.missing_headers = 0
+        self.dirs = []                # the linker's search path
+        self.linked = set()
 
     def run(self):
         opts = Options(self.argv[1:])
@@ -177,7 +179,7 @@ class GccCompile:
                 self._compile(path, lang, opts)
             if opts.assembles and lang != "other":
                 self._program(self._tool("as"), "assembler run by gcc")
-        if opts.links and opts.assembles:
+        if opts.links:
             self._link(opts)
         if self.missing_headers:
             self.an.note(f"gcc: {self.missing_headers} #include names not found in the "
@@ -233,7 +235,8 @@ class GccCompile:
 
     # -- compile ------------------------------------------------------------
     def _compile(self, source, lang, opts):
-        cc1 = "cc1plus" if lang == "c++" else "cc1"
+        cxx = lang == "c++" or (self.cxx and source.endswith(".c"))    # g++ x.c is C++
+        cc1 = "cc1plus" if cxx else "cc1"
         self._program(f"{self.libexec}/{cc1}", f"compiler proper run by gcc for {source}")
         path = posixpath.normpath(posixpath.join(self.an.cwd, source))
         text = self.an.written.get(path)
@@ -250,7 +253,7 @@ class GccCompile:
                 self.an.note(f"gcc: cannot see the text of {path}; assuming it includes "
                              f"<stdio.h>")
                 text, where = b"#include <stdio.h>\n", path
-        dirs = self._include_dirs(opts, lang == "c++")
+        dirs = self._include_dirs(opts, cxx)
         quote = [posixpath.normpath(posixpath.join(self.an.cwd, d)) for d in opts.quote_dirs]
         seen = set()
         if "-nostdinc" not in opts.flags and "-ffreestanding" not in opts.flags:
@@ -324,7 +327,6 @@ class GccCompile:
             self.lib, f"{self.lib}/../../../{self.triple}", f"{self.lib}/../../../../lib64",
             f"/lib/{self.triple}", "/lib64", f"/usr/lib/{self.triple}", "/usr/lib64",
             f"{self.lib}/../../..", "/lib", "/usr/lib", "/usr/local/lib")) if self.fs.is_dir(d)]
-        self.linked = set()
         nostart = opts.flags & {"-nostdlib", "-nostartfiles"}
         static = "-static" in opts.flags
         shared = "-shared" in opts.flags
