@@ -11,6 +11,7 @@ the reason reported.  The output is always an OCI manifest (and index).
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -143,12 +144,7 @@ class LayoutEndpoint:
 
     def blob_to_file(self, digest, size, fileobj, progress):
         try:
-            with open(self.layout.blob_path(digest), "rb") as f:
-                done = 0
-                for block in iter(lambda: f.read(COPY_BLOCK), b""):
-                    fileobj.write(block)
-                    done += len(block)
-                    progress(done, size)
+            copy_file(self.layout.blob_path(digest), size, fileobj, progress)
         except OSError as exc:
             raise StargzError(f"{self.spec}: cannot read blob {digest}: {exc.strerror}") from None
 
@@ -172,8 +168,113 @@ class LayoutEndpoint:
         return False
 
 
+def copy_file(path, size, fileobj, progress):
+    """Write the file at ``path`` (``size`` bytes) to ``fileobj`` block by block."""
+    with open(path, "rb") as f:
+        done = 0
+        for block in iter(lambda: f.read(COPY_BLOCK), b""):
+            fileobj.write(block)
+            done += len(block)
+            progress(done, size)
+
+
+def fetch_blob(endpoint, digest, size, label, workdir=None, stream=None):
+    """Download a blob into a new temp file in ``workdir``, verified against its digest;
+    returns its path (the caller removes it)."""
+    tmp = tempfile.NamedTemporaryFile(dir=workdir, prefix="layer-", delete=False)
+    progress = Progress(f"{label}: fetching", stream or sys.stderr)
+    hasher = hashlib.sha256()
+
+    class Hashing:
+        @staticmethod
+        def write(data):
+            hasher.update(data)
+            tmp.write(data)
+    try:
+        with tmp:
+            endpoint.blob_to_file(digest, size, Hashing, progress)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
+    finally:
+        progress.close()
+    if hasher_digest(hasher) != digest:
+        os.unlink(tmp.name)
+        raise DigestMismatch(f"{endpoint}: layer {digest} does not match its digest")
+    return tmp.name
+
+
+def keep_reason(desc, reconvert=False):
+    """Why ImageConverter copies the layer ``desc`` as it is, or None: it converts it."""
+    media_type = desc.get("mediaType", "")
+    if TOC_DIGEST_ANNOTATION in (desc.get("annotations") or {}) and not reconvert:
+        return "kept (already eStargz)"
+    if media_type not in CONVERTIBLE:
+        return f"kept: media type {media_type or '(none)'} cannot be converted"
+    return None
+
+
+class BlobSpool:
+    """Whole source blobs downloaded once for several readers.
+
+    ``convert --analyze`` (or ``--optimize``) reads each layer it converts more than
+    once: the analysis indexes it, the conversion rewrites it.  A spool attached to
+    the source endpoint (``endpoint.spool``) makes them share one verified copy in a
+    private temporary directory, removed by ``close()``.
+    """
+
+    def __init__(self, endpoint, reconvert=False, workdir=None, stream=None):
+        self.endpoint = endpoint
+        self.reconvert = reconvert
+        self.stream = stream
+        self.dir = tempfile.mkdtemp(prefix="stargz-spool-", dir=workdir)
+        self._paths = {}
+        endpoint.spool = self
+
+    def wants(self, desc):
+        """Will the conversion download this layer whole (so others should share it)?"""
+        return keep_reason(desc, self.reconvert) is None
+
+    def has(self, digest):
+        return digest in self._paths
+
+    def path(self, digest, size, label):
+        """The spooled copy of a blob (downloaded on first use); read it, keep it."""
+        path = self._paths.get(digest)
+        if path is None:
+            path = fetch_blob(self.endpoint, digest, size, label, self.dir, self.stream)
+            self._paths[digest] = path
+        return path
+
+    def link(self, digest, size, label):
+        """A new name for the spooled copy of a blob, the caller's to remove or move."""
+        path = self.path(digest, size, label)
+        for n in range(1000):
+            name = f"{path}.{n}"
+            try:
+                os.link(path, name)
+                return name
+            except FileExistsError:
+                continue
+        raise StargzError(f"{self.dir}: cannot link {digest}")
+
+    def close(self):
+        if getattr(self.endpoint, "spool", None) is self:
+            self.endpoint.spool = None
+        self._paths.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def open_endpoint(spec, client=None, create=False):
-    """``docker://REF`` or ``oci:DIR[:TAG]`` -> an endpoint."""
+    """``docker://REF`` or ``oci:DIR[:TAG]`` -> an endpoint (an endpoint is returned as is)."""
+    if not isinstance(spec, str):
+        return spec
     if spec.startswith("docker://"):
         return RegistryEndpoint(spec, client or RegistryClient())
     if spec.startswith("oci:"):
@@ -197,34 +298,18 @@ class ImageConverter:
         self.report = ImageReport()
         self._converted = {}          # source layer digest -> (descriptor, diff_id)
 
-    def _fetch(self, digest, size, label):
-        """Download a blob into a temp file, verifying its digest."""
-        tmp = tempfile.NamedTemporaryFile(dir=self.workdir, prefix="layer-", delete=False)
-        progress = Progress(f"{label}: fetching", self.stream)
-        hasher = hashlib.sha256()
-
-        class Hashing:
-            @staticmethod
-            def write(data):
-                hasher.update(data)
-                tmp.write(data)
-        try:
-            with tmp:
-                self.src.blob_to_file(digest, size, Hashing, progress)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-        finally:
-            progress.close()
-        if hasher_digest(hasher) != digest:
-            os.unlink(tmp.name)
-            raise DigestMismatch(f"{self.src}: layer {digest} does not match its digest")
-        return tmp.name
+    def _fetch(self, digest, size, label, share=True):
+        """A verified local copy of a source blob, ours to remove.  Through the source's
+        spool if it has one (``share``: spooled now for later readers if not yet)."""
+        spool = getattr(self.src, "spool", None)
+        if spool is not None and (share or spool.has(digest)):
+            return spool.link(digest, size, label)
+        return fetch_blob(self.src, digest, size, label, self.workdir, self.stream)
 
     def _copy_blob(self, digest, size, label):
         if self.dst.has_blob(digest) or self.dst.mount_blob(digest, self.src):
             return
-        self.dst.put_blob_file(self._fetch(digest, size, label), digest)
+        self.dst.put_blob_file(self._fetch(digest, size, label, share=False), digest)
 
     def _convert_layer(self, desc, label):
         """Convert one layer blob; returns (descriptor, diff_id)."""
@@ -259,12 +344,7 @@ class ImageConverter:
         digest = desc["digest"]
         label = f"[{platform}] layer {index + 1}/{total} {digest[7:19]}"
         media_type = desc.get("mediaType", "")
-        annotations = desc.get("annotations") or {}
-        kept = None
-        if TOC_DIGEST_ANNOTATION in annotations and not self.options.reconvert:
-            kept = "kept (already eStargz)"
-        elif media_type not in CONVERTIBLE:
-            kept = f"kept: media type {media_type or '(none)'} cannot be converted"
+        kept = keep_reason(desc, self.options.reconvert)
         if kept is None:
             if digest not in self._converted:
                 try:

@@ -11,7 +11,9 @@ of files actually read are fetched (each request reading up to 64 KiB ahead,
 as neighbouring files tend to be read next), each verified against its chunk
 digest.
 Other gzip or tar layers are downloaded once, checked against the layer
-digest, decompressed to a temporary tar and indexed.
+digest, decompressed to a temporary tar and indexed.  When the endpoint has a
+spool (``convert --analyze``), the layers that the conversion will download
+anyway are read from its local copies instead.
 """
 
 import hashlib
@@ -26,7 +28,7 @@ from collections import OrderedDict
 from .digests import hasher_digest, sha256_digest
 from .errors import DigestMismatch, FormatError, StargzError
 from .footer import MAX_FOOTER_SIZE, parse_footer
-from .image_convert import LayoutEndpoint, RegistryEndpoint, json_object
+from .image_convert import LayoutEndpoint, RegistryEndpoint, copy_file, json_object
 from .layer_view import CountingSource
 from .progress import Progress, human_bytes
 from .reader import StargzReader, gunzip_prefix
@@ -151,6 +153,7 @@ class TocLayer:
 
     def close(self):
         self._windows = []
+        self.source.close()
 
 
 class _TarEntry:
@@ -407,8 +410,12 @@ def open_layer(endpoint, desc, index, total, cache, note, workdir=None):
         why = f"media type {media_type or '(none)'} cannot be read"
         note(f"{label}: {why}; the analysis treats it as empty and may miss its files")
         return EmptyLayer(index, digest, why)
+    spool = getattr(endpoint, "spool", None)      # see image_convert.BlobSpool
+    spooled = None
+    if spool is not None and spool.wants(desc):
+        spooled = spool.path(digest, size, label)
     if fmt == "gzip":
-        source = _random_access(endpoint, digest, size)
+        source = FileSource(spooled) if spooled else _random_access(endpoint, digest, size)
         if source is not None and source.size >= 47:
             counting = CountingSource(source, f"layer {digest[:19]}", False)
             tail_len = min(counting.size, MAX_FOOTER_SIZE)
@@ -421,16 +428,25 @@ def open_layer(endpoint, desc, index, total, cache, note, workdir=None):
                 reader = StargzReader(counting, toc_digest=annotations.get(TOC_DIGEST_ANNOTATION),
                                       toc_offset=footer.toc_offset)
                 return TocLayer(index, digest, reader, counting, cache)
-    note(f"{label}: plain {fmt} layer (not eStargz): downloading it once "
-         f"({human_bytes(size)}) to index its files")
+        if spooled:
+            source.close()             # not stargz: unpacked from the spooled file below
+    if spooled:
+        note(f"{label}: plain {fmt} layer (not eStargz): downloaded once "
+             f"({human_bytes(size)}) for the analysis and the conversion; indexing its files")
+    else:
+        note(f"{label}: plain {fmt} layer (not eStargz): downloading it once "
+             f"({human_bytes(size)}) to index its files")
     tmp = tempfile.NamedTemporaryFile(dir=workdir, prefix="analyze-layer-", suffix=".tar",
                                       delete=False)
-    progress = Progress(f"{label}: downloading", sys.stderr)
+    progress = Progress(f"{label}: {'unpacking' if spooled else 'downloading'}", sys.stderr)
     try:
         with tmp:
             sink = _Unpacking(tmp, fmt == "gzip")
             try:
-                endpoint.blob_to_file(digest, size, sink, progress)
+                if spooled:
+                    copy_file(spooled, size, sink, progress)
+                else:
+                    endpoint.blob_to_file(digest, size, sink, progress)
                 sink.finish()
             except FormatError as exc:
                 raise FormatError(f"{label}: {exc}") from None

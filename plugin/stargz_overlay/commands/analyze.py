@@ -77,9 +77,10 @@ def cmd_analyze(args):
     return 0
 
 
-def analyze_for_convert(src_spec, args, client=None):
-    """``convert --analyze``: per-layer prioritized lists for every platform of SRC."""
-    endpoint = open_endpoint(src_spec, client or RegistryClient())
+def analyze_for_convert(src, args, client=None):
+    """``convert --analyze``: per-layer prioritized lists for every platform of SRC (a spec
+    or an open endpoint)."""
+    endpoint = open_endpoint(src, client or RegistryClient())
     results = analyze_image(endpoint, all_platforms=True, note=_note, **workload(args))
     for r in results:
         _note(f"analyze [{r.platform}]: {len(r.files)} startup files of "

@@ -1,5 +1,6 @@
 """Blob commands: convert, ls, cat, verify and toc on stargz/eStargz layers."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,7 +9,8 @@ import sys
 import tempfile
 
 from ..errors import StargzError
-from ..image_convert import ConvertOptions, ImageConverter, describe, is_image_spec, open_endpoint
+from ..image_convert import (BlobSpool, ConvertOptions, ImageConverter, RegistryEndpoint,
+                             describe, is_image_spec, open_endpoint)
 from ..progress import Progress
 from ..reader import StargzReader
 from ..record import add_record_options, merge, record_for_convert
@@ -45,15 +47,20 @@ def convert_image(args, prioritized):
                              compression_level=args.compression_level,
                              prioritized=prioritized, reconvert=args.reconvert)
     client = RegistryClient()
-    if args.analyze:
-        options.prioritized_by_layer = analyze_for_convert(args.input, args, client)
-    if args.optimize:             # recorded first, then what the analysis adds
-        options.prioritized_by_layer = merge(record_for_convert(args.input, args, client),
-                                             options.prioritized_by_layer)
-        options.reconvert = True  # reorder layers that are already eStargz too
     src = open_endpoint(args.input, client)
-    dst = open_endpoint(args.output, client, create=True)
-    report = ImageConverter(src, dst, options).run()
+    if args.optimize:
+        options.reconvert = True  # reorder layers that are already eStargz too
+    with contextlib.ExitStack() as cleanup:
+        if (args.analyze or args.optimize) and isinstance(src, RegistryEndpoint):
+            # the analysis/recording and the conversion share one download per layer
+            cleanup.enter_context(BlobSpool(src, options.reconvert))
+        if args.analyze:
+            options.prioritized_by_layer = analyze_for_convert(src, args)
+        if args.optimize:         # recorded first, then what the analysis adds
+            options.prioritized_by_layer = merge(record_for_convert(src, args, client),
+                                                 options.prioritized_by_layer)
+        dst = open_endpoint(args.output, client, create=True)
+        report = ImageConverter(src, dst, options).run()
     if args.json:
         print(json.dumps({"digest": report.digest, "mediaType": report.media_type,
                           "layers": [vars(layer) for layer in report.layers]}, indent=2))
