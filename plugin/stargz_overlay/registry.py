@@ -6,6 +6,12 @@ plus ``certs.d/HOST:PORT/*.crt`` and client ``*.cert``/``*.key`` pairs,
 connect/read timeouts, retries with exponential backoff on connection errors,
 5xx and 429, and an overall deadline per operation so that a dead or hung
 registry becomes a RegistryError in bounded time, never a hang.
+
+A registry configured insecure is tried with TLS first and with plain HTTP
+when the TLS handshake fails, as containers/image does.  With ``scheme_hints``
+(a file shared by the processes of one installation) a host that answered
+only plain HTTP is remembered, so that later processes skip the failed
+handshake; see ``SchemeHints``.
 """
 
 import glob
@@ -259,6 +265,70 @@ def _ssl_context(hostport, certs_dirs):
     return ctx
 
 
+# -- scheme hints ---------------------------------------------------------
+
+class SchemeHints:
+    """Hosts configured insecure that answered plain HTTP only, remembered in a JSON file.
+
+    Each new process would otherwise fail a TLS handshake with such a host
+    before falling back to plain HTTP (one or two round trips).  A hint is
+    only ever used for an endpoint that is insecure when it is used (it never
+    downgrades a registry configured secure), is confirmed by the first answer
+    and dropped when the host turns out to speak TLS (a TLS server's "plain
+    HTTP sent to an HTTPS port" 400, or a closed connection, sends the request
+    to TLS).  Best effort: an unreadable or unwritable file means no hints.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                hosts = json.load(f).get("plain_http")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return dict(hosts) if isinstance(hosts, dict) else {}
+
+    def plain_http(self, host):
+        return host in self._load()
+
+    def set(self, host, plain):
+        """Remember (``plain``) or forget that ``host`` answers plain HTTP only."""
+        with self._lock:
+            hosts = self._load()
+            if (host in hosts) == plain:
+                return
+            if plain:
+                hosts[host] = int(time.time())
+            else:
+                del hosts[host]
+            tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"plain_http": hosts}, f)
+                os.replace(tmp, self.path)      # readers see the old or the new file
+            except OSError as exc:
+                log.debug("cannot update scheme hints %s: %s", self.path, exc)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def _tls_port_answer(resp):
+    """A plain-HTTP request answered by a TLS server's 400 ("... HTTPS server/port")."""
+    if resp.status_code != 400:
+        return False
+    try:
+        body = resp.raw.read(1024, decode_content=True) if resp.raw else b""
+    except Exception:        # noqa: BLE001 - best effort only
+        return False
+    return b"https" in body.lower()
+
+
 # -- endpoints ------------------------------------------------------------
 
 class Endpoint:
@@ -269,6 +339,7 @@ class Endpoint:
         self.host = host
         self.insecure = insecure
         self.scheme = "https"
+        self.hint = None              # "hinted", "learned", "retls": see SchemeHints
         self.lock = threading.Lock()
         self.multirange = None        # None unknown, True works, False refused
         self.session = requests.Session()
@@ -375,7 +446,7 @@ class RegistryClient:
                  connect_timeout=10.0, read_timeout=30.0, retries=3, backoff=0.25,
                  deadline=120.0, platform=None, coalesce_gap=32 << 10,
                  max_ranges_per_request=64, pool_size=16, redirect_ttl=60.0,
-                 user_agent=None, env=None):
+                 user_agent=None, env=None, scheme_hints=None):
         env = os.environ if env is None else env
         if isinstance(registries_conf, RegistriesConf):
             self.conf = registries_conf
@@ -400,6 +471,7 @@ class RegistryClient:
         self.pool_size = pool_size
         self.redirect_ttl = redirect_ttl
         self.user_agent = user_agent or f"stargz-overlay/{__version__}"
+        self.scheme_hints = SchemeHints(scheme_hints) if scheme_hints else None
         self.stats = Stats()
         self._lock = threading.Lock()
         self._endpoints = {}
@@ -430,6 +502,8 @@ class RegistryClient:
             ep = self._endpoints.get(key)
             if ep is None:
                 ep = Endpoint(self, host, insecure)
+                if insecure and self.scheme_hints and self.scheme_hints.plain_http(host):
+                    ep.scheme, ep.hint = "http", "hinted"
                 ep.auth = HostAuth(
                     host, lambda reg=registry: self.auth_files.lookup(reg),
                     self._token_http, self.auth_files.describe())
@@ -497,7 +571,7 @@ class RegistryClient:
                     self.stats.add("requests")      # the failed TLS handshake was a round trip
                     log.info("%s: TLS failed (%s); insecure registry, trying plain HTTP",
                              ep.host, _describe_exc(exc))
-                    ep.scheme = "http"
+                    ep.scheme, ep.hint = "http", "learned"
                     continue
                 raise RegistryError(f"{ep.host}: TLS error ({_tls_reason(exc)}) during "
                                     f"{what}") from None
@@ -505,12 +579,21 @@ class RegistryClient:
                     requests.exceptions.ChunkedEncodingError) as exc:
                 failure = _describe_exc(exc)
                 resp = None
+                refused = failure == "connection refused"
+                timed_out = isinstance(exc, requests.exceptions.Timeout)
+                if ep.hint == "hinted" and "://" not in path and not (refused or timed_out):
+                    log.info("%s: plain HTTP failed (%s); trying TLS", ep.host, failure)
+                    ep.scheme, ep.hint = "https", "retls"
+                    continue
             except requests.exceptions.RequestException as exc:
                 raise RegistryError(f"{ep.host}: {what}: {_describe_exc(exc)}") from None
             finally:
                 if hasattr(body, "close"):
                     body.close()
             delay = None
+            if resp is not None and ep.hint is not None and "://" not in path:
+                if self._settle_scheme(ep, resp):
+                    continue
             if resp is not None:
                 if resp.status_code == 401 and auth and ep.auth is not None:
                     resp.close()
@@ -547,6 +630,19 @@ class RegistryClient:
             log.info("%s: %s: %s; retrying in %.2f s", ep.host, what, failure, delay)
             self.stats.add("retries")
             time.sleep(delay)
+
+    def _settle_scheme(self, ep, resp):
+        """First answer after a scheme guess: update the hints; True -> resend with TLS."""
+        hint, ep.hint = ep.hint, None
+        hints = self.scheme_hints
+        if ep.scheme == "http" and hint == "hinted" and _tls_port_answer(resp):
+            resp.close()
+            log.info("%s: the registry now speaks TLS; trying TLS", ep.host)
+            ep.scheme, ep.hint = "https", "retls"
+            return True
+        if hints is not None and hint in ("learned", "retls"):
+            hints.set(ep.host, ep.scheme == "http")
+        return False
 
     def read_body(self, resp, limit, deadline, what):
         """Read a whole (bounded) body; raises _Retry-able errors from the socket."""
