@@ -135,7 +135,7 @@ class PluginState:
     def _registry_source(self, spec):
         from . import registry_layers
         if self._registry is None:
-            self._registry = registry_layers.make_client(self.config)
+            self._registry = registry_layers.PluginRegistry(self.config)
         return registry_layers.open_layer(self._registry, spec)
 
     def report_load_error(self, message):

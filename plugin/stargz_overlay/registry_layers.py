@@ -1,6 +1,10 @@
 """Registry-backed plugin layers: a RegistryClient from the plugin configuration, and
 layer readers whose verified TOC is kept in the content cache.
 
+The client is made on first use (``PluginRegistry``): its module imports
+``requests`` (~75 ms), and a layer whose TOC is cached and whose size is known
+(as the store records them) is mounted without any request.
+
 The TOC digest is the sha256 of the TOC JSON, so the JSON is content-addressed:
 once a layer's TOC has been read and checked against its pinned digest (the
 store does it at pull), it is stored in the cache under that digest, and later
@@ -10,22 +14,31 @@ damaged or unusable cached TOC falls back to reading the blob.
 """
 
 import logging
+import threading
 
 from .errors import StargzError
+from .reference import parse_reference
 
 log = logging.getLogger("stargz_overlay.plugin")
 _resolved = {}     # (client, reference) -> Image: one manifest fetch for all its layers
 
 
-def make_client(config):
-    """One RegistryClient for the whole plugin process, set up from ``config.registry``."""
+def registries_conf(config):
+    """The RegistriesConf of ``config.registry`` (ConfigError if it is malformed)."""
     from .registries_conf import RegistriesConf
-    from .registry import RegistryClient
     reg = config.registry
     conf = RegistriesConf.load(reg.registries_conf or None)
     for host in reg.insecure:
         conf.merge_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n',
                         f"{config.path or 'plugin configuration'} (insecure)")
+    return conf
+
+
+def make_client(config, conf=None):
+    """One RegistryClient for the whole plugin process, set up from ``config.registry``."""
+    from .registry import RegistryClient
+    reg = config.registry
+    conf = conf or registries_conf(config)
     kwargs = {}
     if reg.auth_file:
         kwargs["auth_files"] = [reg.auth_file]
@@ -36,14 +49,69 @@ def make_client(config):
                           deadline=reg.deadline, backoff=reg.backoff, **kwargs)
 
 
-def open_layer(client, spec):
-    """``(source, toc_digest)`` for a registry LayerSpec.
+class PluginRegistry:
+    """The plugin's RegistryClient, made on first use; the registries configuration
+    is read (and checked) at once."""
+
+    def __init__(self, config):
+        self.config = config
+        self.conf = registries_conf(config)
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def made(self):
+        return self._client is not None
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                self._client = make_client(self.config, self.conf)
+            return self._client
+
+
+class DeferredBlob:
+    """A registry blob source whose client is made on its first use beyond ``size``,
+    ``reference`` (the first pull source, as the client would try) and ``close``."""
+
+    def __init__(self, registry, spec):
+        self._blob = None
+        self._registry = registry
+        self._spec = spec
+        self._lock = threading.Lock()
+        self.size = spec.size
+        conf = registry.conf
+        ref = parse_reference(spec.ref)
+        self.reference = conf.sources(conf.candidates(ref)[0])[0].reference
+
+    def _real(self):
+        with self._lock:
+            if self._blob is None:
+                spec = self._spec
+                self._blob = self._registry.client.blob_source(spec.ref, spec.digest, spec.size)
+            return self._blob
+
+    def __getattr__(self, name):       # read_at, read_ranges, open_range, client, ...
+        return getattr(self._real(), name)
+
+    def close(self):
+        if self._blob is not None:
+            self._blob.close()
+
+
+def open_layer(registry, spec):
+    """``(source, toc_digest)`` for a registry LayerSpec (``registry``: a PluginRegistry).
 
     Without a TOC digest in DATA, the one annotated in the image manifest is used;
     a layer with none at all is served with a warning (its TOC is not pinned).
+    With the TOC digest and the size, the client waits for a first read.
     """
     toc = spec.toc
     size = spec.size
+    if not registry.made and toc is not None and size is not None:
+        return DeferredBlob(registry, spec), toc
+    client = registry.client
     if toc is None:
         image = _resolved.get((id(client), spec.ref))
         if image is None:
