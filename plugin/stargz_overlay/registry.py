@@ -319,8 +319,10 @@ class SchemeHints:
 
 
 def _tls_port_answer(resp):
-    """A plain-HTTP request answered by a TLS server's 400 ("... HTTPS server/port")."""
-    if resp.status_code != 400:
+    """A plain-HTTP request answered by a TLS server's 400 ("... HTTPS server/port").
+
+    A registry's own 400 (a JSON error body) is left unread."""
+    if resp.status_code != 400 or "json" in resp.headers.get("Content-Type", ""):
         return False
     try:
         body = resp.raw.read(1024, decode_content=True) if resp.raw else b""
