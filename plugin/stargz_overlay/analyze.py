@@ -33,6 +33,7 @@ from .image_fs import LayerOpener, image_config, image_manifests
 from .registry import TOC_DIGEST_ANNOTATION
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ENGINE_FILES = ("/etc/passwd", "/etc/group")   # podman/runc resolve the user with them
 MAX_EXEC_DEPTH = 8            # nested #! interpreters, env, sh -c, exec "$@"
 MAX_ELF_OBJECTS = 2000
 MAX_SCRIPT_BYTES = 1 << 20
@@ -204,6 +205,11 @@ class Analyzer:
             self.problem("the image config has no Entrypoint or Cmd; nothing to analyze")
         else:
             self.exec(argv, "entrypoint", 0)
+        for path in ENGINE_FILES:
+            node = self.lookup(path) if argv else None
+            if node is not None and node.type == "reg":
+                self.record(node, "read by the container engine (user and groups) before the "
+                                  "command starts")
         self.result.files = list(self._files.values())
         return self.result
 
