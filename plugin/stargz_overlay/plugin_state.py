@@ -136,7 +136,7 @@ class PluginState:
         from . import registry_layers
         if self._registry is None:
             self._registry = registry_layers.PluginRegistry(self.config)
-        return registry_layers.open_layer(self._registry, spec)
+        return self._registry.open_layer(spec)
 
     def report_load_error(self, message):
         log.error("%s", message)

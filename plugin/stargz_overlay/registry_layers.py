@@ -60,15 +60,18 @@ class PluginRegistry:
         self._lock = threading.Lock()
 
     @property
-    def made(self):
-        return self._client is not None
-
-    @property
     def client(self):
         with self._lock:
             if self._client is None:
                 self._client = make_client(self.config, self.conf)
             return self._client
+
+    def open_layer(self, spec):
+        """``open_layer``; with the TOC digest and the size known, before the client is
+        made, the client waits for the first read."""
+        if self._client is None and spec.toc is not None and spec.size is not None:
+            return DeferredBlob(self, spec), spec.toc
+        return open_layer(self.client, spec)
 
 
 class DeferredBlob:
@@ -100,18 +103,14 @@ class DeferredBlob:
             self._blob.close()
 
 
-def open_layer(registry, spec):
-    """``(source, toc_digest)`` for a registry LayerSpec (``registry``: a PluginRegistry).
+def open_layer(client, spec):
+    """``(source, toc_digest)`` for a registry LayerSpec.
 
     Without a TOC digest in DATA, the one annotated in the image manifest is used;
     a layer with none at all is served with a warning (its TOC is not pinned).
-    With the TOC digest and the size, the client waits for a first read.
     """
     toc = spec.toc
     size = spec.size
-    if not registry.made and toc is not None and size is not None:
-        return DeferredBlob(registry, spec), toc
-    client = registry.client
     if toc is None:
         image = _resolved.get((id(client), spec.ref))
         if image is None:
