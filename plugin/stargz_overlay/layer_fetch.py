@@ -105,7 +105,7 @@ class LayerFetch:
         digests = {e.digest for e in self.entries if e.digest}
         digests.add(EMPTY_SHA256)
         digests.add(reader.toc_digest)       # the TOC JSON is cached under its digest too
-        self.pin = (ctx.cache.pin(sorted(digests), label=f"{layer_id} {view.label}")
+        self.pin = (ctx.cache.pin(digests, label=f"{layer_id} {view.label}")
                     if mounted else None)
         view.fetch = self
         if mounted:

@@ -181,21 +181,28 @@ class LayerView:
     # -- set-up --
 
     def _build(self):
+        """Fill ``paths`` and ``listing`` (a directory's own children dict unless a
+        whiteout in it is hidden)."""
+        paths = self.paths
+        paths[""] = self.toc.root
         stack = [("", self.toc.root)]
-        self.paths[""] = self.toc.root
         while stack:
             path, entry = stack.pop()
-            visible = {}
-            for name, child in entry.children.items():
+            children = entry.children
+            prefix = f"{path}/" if path else ""
+            hidden = []
+            for name, child in children.items():
                 if (name.startswith(WHITEOUT_PREFIX) and name != OPAQUE_MARKER
-                        and name[len(WHITEOUT_PREFIX):] in entry.children):
+                        and name[len(WHITEOUT_PREFIX):] in children):
+                    hidden.append(name)
                     continue
-                visible[name] = child
-                child_path = f"{path}/{name}" if path else name
-                self.paths[child_path] = child
+                child_path = prefix + name
+                paths[child_path] = child
                 if child.type == "dir":
                     stack.append((child_path, child))
-            self.listing[path] = visible
+            if hidden:
+                children = {k: v for k, v in children.items() if k not in hidden}
+            self.listing[path] = children
 
     def _lock_workdir(self):
         return lock_directory(self.workdir, f"layer directory {self.workdir} is in use by "

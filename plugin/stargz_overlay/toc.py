@@ -47,7 +47,10 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 def clean_name(name):
     """Normalise a tar/TOC name: ``path.Clean("/"+name)`` without the leading ``/``."""
-    return posixpath.normpath("/" + name.lstrip("/")).lstrip("/")
+    name = name.lstrip("/")
+    if name[:1] != "." and "/." not in name and "//" not in name and name[-1:] != "/":
+        return name         # no empty, "." or ".." component: already clean
+    return posixpath.normpath("/" + name).lstrip("/")
 
 
 class Chunk:
@@ -145,11 +148,11 @@ class TOC:
 
 def _int(raw, key, name, limit=MAX_OFFSET):
     value = raw.get(key, 0)
+    if type(value) is int and 0 <= value <= limit:
+        return value
     if type(value) is not int or value < 0:
         raise FormatError(f"TOC entry {name!r}: {key} must be a non-negative integer")
-    if value > limit:
-        raise FormatError(f"TOC entry {name!r}: {key} {value} is larger than {limit}")
-    return value
+    raise FormatError(f"TOC entry {name!r}: {key} {value} is larger than {limit}")
 
 
 def _str(raw, key, name):
@@ -190,9 +193,10 @@ def _check_name(name):
     encoded = _utf8(name, "TOC entry name")
     if len(encoded) > MAX_PATH_BYTES:
         raise FormatError(f"TOC entry name is longer than {MAX_PATH_BYTES} bytes")
-    for part in name.split("/"):
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise FormatError(f"TOC entry {name!r}: a component is longer than 255 bytes")
+    if len(encoded) > MAX_NAME_BYTES:
+        for part in name.split("/"):
+            if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+                raise FormatError(f"TOC entry {name!r}: a component is longer than 255 bytes")
 
 
 def _check_link(target, name):
@@ -293,7 +297,8 @@ def _finish_chunks(entry, boundaries, data_end):
     """Fill chunk sizes and compressed ends; check they tile the file exactly."""
     if not entry.chunks:
         return
-    entry.chunks.sort(key=lambda c: c.chunk_offset)
+    if len(entry.chunks) > 1:
+        entry.chunks.sort(key=lambda c: c.chunk_offset)
     pos = 0
     for i, chunk in enumerate(entry.chunks):
         if chunk.chunk_offset != pos:
@@ -424,7 +429,7 @@ def _parse_toc(raw_entries, data_end):
     entries = [root]
 
     def parent_of(name):
-        parent_name = posixpath.dirname(name)
+        parent_name = name.rpartition("/")[0]
         if not parent_name:
             return root
         parent = by_name.get(parent_name)
@@ -445,7 +450,7 @@ def _parse_toc(raw_entries, data_end):
         entry = pending[i]
         i += 1
         parent = parent_of(entry.name)
-        parent.children[posixpath.basename(entry.name)] = entry
+        parent.children[entry.name.rpartition("/")[2]] = entry
         if entry.type == "dir":
             parent.nlink += 1
     entries.extend(pending)
