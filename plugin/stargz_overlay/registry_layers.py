@@ -17,7 +17,6 @@ import logging
 import threading
 
 from .errors import StargzError
-from .reference import parse_reference
 
 log = logging.getLogger("stargz_overlay.plugin")
 _resolved = {}     # (client, reference) -> Image: one manifest fetch for all its layers
@@ -79,6 +78,7 @@ class DeferredBlob:
     ``reference`` (the first pull source, as the client would try) and ``close``."""
 
     def __init__(self, registry, spec):
+        from .reference import parse_reference
         self._blob = None
         self._registry = registry
         self._spec = spec
