@@ -14,12 +14,14 @@ damaged or unusable cached TOC falls back to reading the blob.
 """
 
 import logging
+import os
 import threading
 
 from .errors import StargzError
 
 log = logging.getLogger("stargz_overlay.plugin")
 _resolved = {}     # (client, reference) -> Image: one manifest fetch for all its layers
+SCHEME_HINTS = "registry-schemes.json"
 
 
 def registries_conf(config):
@@ -38,7 +40,9 @@ def make_client(config, conf=None):
     from .registry import RegistryClient
     reg = config.registry
     conf = conf or registries_conf(config)
-    kwargs = {}
+    # the store and the mounts share cache_dir: what one process learns about a
+    # plain-HTTP insecure registry spares the others a failed TLS handshake
+    kwargs = {"scheme_hints": os.path.join(config.cache_dir, SCHEME_HINTS)}
     if reg.auth_file:
         kwargs["auth_files"] = [reg.auth_file]
     if reg.certs_dir:
