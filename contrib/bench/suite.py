@@ -4,9 +4,10 @@
 Builds contrib/images.py's offline Debian images (``python`` prints hello from a
 minimal root, ``python-full`` prints it from python on a build toolchain like the
 official python image that HelloBench pulls, ``gcc`` compiles and runs hello
-world, ``bigdata`` is python reading 256 MiB of incompressible data), pushes each to a local docker-registry as plain gzip
-(skopeo), as eStargz (``stargz-overlay convert``) and as optimised eStargz
-(``convert --analyze``), and puts the registry behind contrib/bench/netshape.py
+world, ``bigdata`` is python reading 256 MiB of incompressible data), pushes
+each to a local docker-registry as plain gzip (skopeo), as eStargz
+(``stargz-overlay convert``) and as optimised eStargz (``convert --analyze``),
+and puts the registry behind contrib/bench/netshape.py
 (a TCP proxy adding latency and a bandwidth cap; this kernel has no netem),
 measured with its ``verify()`` and printed.
 
@@ -135,21 +136,6 @@ def drop_caches():
         return False
 
 
-def podman_start(podman, ref, timeout):
-    """pull + run (the image's Cmd) -> timings; checks the output line."""
-    started = time.monotonic()
-    podman("pull", "-q", ref, timeout=timeout)
-    pulled = time.monotonic()
-    # a named container removed later, not --rm: podman 4.3 can lose the exit code of
-    # a --rm container under load
-    out = podman("run", "--name", "bench", "--network", "none", "--ulimit",
-                 "nofile=1024:1024", "--ulimit", "nproc=1024:1024", ref, timeout=timeout)
-    done = time.monotonic()
-    if out.stdout.strip().splitlines()[-1:] != ["hello"]:
-        raise RuntimeError(f"the workload printed {out.stdout[-200:]!r}")
-    return {"total_s": done - started, "pull_s": pulled - started, "run_s": done - pulled}
-
-
 def percentile(values, q):
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -190,7 +176,7 @@ def sample(kind, mode, tag, n, tmp, shaper, shaped, timeout, record=None):
         record_config(podman, record)
     bytes0, req0 = shaper.bytes_down, shaper.requests
     try:
-        row = podman_start(podman, f"{shaped}/bench/{kind}:{tag}", timeout)
+        row = podman.timed_start(f"{shaped}/bench/{kind}:{tag}", command=(), timeout=timeout)
         row["link_bytes"] = shaper.bytes_down - bytes0
         row["requests"] = shaper.requests - req0
         row["page_cache_dropped"] = cached
@@ -399,7 +385,7 @@ def main():
                 sample(kind, "lazy", "esgz", "record", tmp, shaper, shaped,
                        timeout=max(30, int(left())), record=record)
                 need, files = needed_bytes(direct, conf_path, kind, record)
-            except (RuntimeError, subprocess.TimeoutExpired, SystemExit, StargzError) as exc:
+            except (subprocess.TimeoutExpired, SystemExit, StargzError) as exc:
                 results["notes"].append(f"{kind}: recording the files opened failed: "
                                         f"{str(exc).strip()[-300:]}")
                 print(results["notes"][-1], flush=True)
@@ -421,7 +407,7 @@ def main():
             try:
                 row = sample(kind, mode, tag, n, tmp, shaper, shaped,
                              timeout=max(30, int(left())))
-            except (RuntimeError, subprocess.TimeoutExpired, SystemExit) as exc:
+            except (subprocess.TimeoutExpired, SystemExit) as exc:
                 msg = f"{kind}/{mode} sample {n} failed: {str(exc).strip()[-300:]}"
                 if (kind, mode, n) not in retried:
                     retried.add((kind, mode, n))
