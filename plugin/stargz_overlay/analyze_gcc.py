@@ -360,13 +360,21 @@ class GccCompile:
             for name in ends + ["crtn.o"]:
                 self._link_file(name, "end file linked by gcc")
 
-    def _link_file(self, name, why):
+    def _search(self, *names):
+        """The first regular file of ``names`` in the linker's search path (each
+        directory in turn, the names in the order given), or None."""
         for d in self.dirs:
-            node = self.fs.lookup(f"{d}/{name}")
-            if node is not None and node.type == "reg":
-                self._linked(node, f"{why} ({name})", 0)
-                return node
+            for name in names:
+                node = self.fs.lookup(f"{d}/{name}")
+                if node is not None and node.type == "reg":
+                    return node
         return None
+
+    def _link_file(self, name, why):
+        node = self._search(name)
+        if node is not None:
+            self._linked(node, f"{why} ({name})", 0)
+        return node
 
     def _library(self, name, static, why):
         """``-lNAME`` as ld searches it: each directory, ``.so`` then ``.a``."""
@@ -374,13 +382,12 @@ class GccCompile:
             if self._link_file(name[1:], why) is None:
                 self.an.note(f"gcc: -l{name} is not in the linker's search path")
             return
-        for d in self.dirs:
-            for suffix in ((".a",) if static else (".so", ".a")):
-                node = self.fs.lookup(f"{d}/lib{name}{suffix}")
-                if node is not None and node.type == "reg":
-                    self._linked(node, f"{why} (-l{name})", 0)
-                    return
-        self.an.problem(f"gcc: -l{name} is not in the linker's search path of the image")
+        node = self._search(*(f"lib{name}{suffix}"
+                              for suffix in ((".a",) if static else (".so", ".a"))))
+        if node is None:
+            self.an.problem(f"gcc: -l{name} is not in the linker's search path of the image")
+            return
+        self._linked(node, f"{why} (-l{name})", 0)
 
     def _linked(self, node, why, depth):
         """A file ld reads: an object, archive, shared library or linker script."""
@@ -394,12 +401,10 @@ class GccCompile:
             if info is None or not info.dynamic or info.type != 3:
                 return
             for needed in info.needed:       # ld opens them to resolve symbols
-                for d in self.dirs:
-                    lib = self.fs.lookup(f"{d}/{needed}")
-                    if lib is not None and lib.type == "reg":
-                        self._linked(lib, f"DT_NEEDED {needed} of {node.path}, read by ld",
-                                     depth + 1)
-                        break
+                lib = self._search(needed)
+                if lib is not None:
+                    self._linked(lib, f"DT_NEEDED {needed} of {node.path}, read by ld",
+                                 depth + 1)
         elif not head.startswith(b"!<arch>") and node.size <= MAX_SCRIPT_BYTES:
             text = self.an.read(node, 0, node.size).decode("utf-8", "replace")
             for name in linker_script_inputs(text):
