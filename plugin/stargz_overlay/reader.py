@@ -1,9 +1,10 @@
 """Reading stargz/eStargz blobs from any random-access source.
 
 Opening reads the footer and the TOC (two reads, or one when the TOC offset
-is already known; none with ``from_toc_json``, for a TOC kept from before); file contents are read member by member and verified
-against the chunk digests and the whole-file digest before they are
-returned.  A mismatch raises ``DigestMismatch``, never returns bytes.
+is already known; none with ``from_toc_json``, for a TOC kept from before);
+file contents are read member by member and verified against the chunk
+digests and the whole-file digest before they are returned.  A mismatch
+raises ``DigestMismatch``, never returns bytes.
 
 Memory is bounded whatever the blob claims: the TOC member is refused beyond
 MAX_TOC_BYTES (compressed or not), members are inflated PIECE bytes at a
