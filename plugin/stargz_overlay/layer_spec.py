@@ -22,7 +22,7 @@ padding, of a compact JSON object (alphabet ``A-Z a-z 0-9 - _`` only)::
 - ``toc_offset`` (optional, int) and ``format`` (optional, ``estargz`` or ``stargz``):
   what the blob's footer says (the store records them at pull).  With ``toc`` and
   both of these, a TOC kept in the content cache under its digest is used and
-  neither the footer nor the TOC is read from the registry (``registry_layers``).
+  neither the footer nor the TOC is read from the registry (``toc_cache``).
 - ``config`` (optional): absolute path of the configuration file to use.
 
 PATH is a private directory of the layer (the skeleton tree lives there).

@@ -118,7 +118,7 @@ class PluginState:
         return slot + 1, fd
 
     def _open_reader(self, spec, label, layer_id=None):
-        from .registry_layers import open_reader
+        from .toc_cache import open_reader
         layer_id = layer_id or spec.digest or f"file:{spec.path}"
         if spec.kind == "blob":
             from .source import FileSource

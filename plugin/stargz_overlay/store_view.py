@@ -31,7 +31,7 @@ reason goes to the log and to ``status``.
 Resolving a layer reads its footer and TOC once: the verified TOC JSON is
 kept in the content cache under its digest, and the TOC offset and blob
 format go into the layer's state, so that containers' mounts open the layer
-without reading either again (``registry_layers.open_reader``).  With
+without reading either again (``toc_cache.open_reader``).  With
 prefetch on (``noprefetch = false``), resolving also starts the layer's
 prefetch (``prefetch``: the region before ``.prefetch.landmark``, one
 request) into the shared cache, so the prioritized files are local or in
@@ -565,7 +565,7 @@ class StoreView:
 
     def _reader(self, ref, digest, size, toc_digest, toc_offset, kind):
         """The layer's reader, through a metered source; the TOC from the cache if there."""
-        from .registry_layers import open_reader
+        from .toc_cache import open_reader
         label = f"store({ref} {digest[:19]})"
         source = self.state.fetch.metered(self._client().blob_source(ref, digest, size),
                                           digest, label, ref=ref)

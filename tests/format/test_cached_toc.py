@@ -1,6 +1,6 @@
 """A reader built from a TOC kept in the cache: no blob read, same checks, same tree.
 
-Also the cache side (``ContentCache.read``, ``registry_layers.open_reader``):
+Also the cache side (``ContentCache.read``, ``toc_cache.open_reader``):
 a damaged or unusable cached TOC falls back to the blob and never serves a
 wrong TOC, and the LayerSpec fields that carry the TOC offset and format.
 """
@@ -14,8 +14,8 @@ from stargz_overlay.cache import ContentCache
 from stargz_overlay.errors import DigestMismatch, FormatError
 from stargz_overlay.layer_spec import LayerSpec, LayerSpecError, decode, encode
 from stargz_overlay.reader import StargzReader
-from stargz_overlay.registry_layers import open_reader
 from stargz_overlay.source import BytesSource
+from stargz_overlay.toc_cache import open_reader
 from stargz_overlay.writer import convert
 
 from .tarbuild import TarBuilder
