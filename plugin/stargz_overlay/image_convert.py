@@ -70,6 +70,7 @@ class RegistryEndpoint:
         self.client = client
         self.reference = reference[len("docker://"):] if reference.startswith(
             "docker://") else reference
+        self._small_blobs = {}        # digest -> verified bytes
 
     def __str__(self):
         return f"docker://{self.reference}"
@@ -83,7 +84,12 @@ class RegistryEndpoint:
         return body
 
     def small_blob(self, digest):
-        return self.client.get_blob(self.reference, digest)
+        """A config (verified), fetched once: the analysis, the recording and the
+        conversion each read it."""
+        data = self._small_blobs.get(digest)
+        if data is None:
+            data = self._small_blobs[digest] = self.client.get_blob(self.reference, digest)
+        return data
 
     def blob_to_file(self, digest, size, fileobj, progress):
         source = self.client.blob_source(self.reference, digest, size)

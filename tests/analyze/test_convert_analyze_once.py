@@ -1,11 +1,13 @@
-"""``convert --analyze docker://SRC``: each source layer is downloaded once, shared by the
-analysis and the conversion, and the result is the same as without sharing."""
+"""``convert --analyze docker://SRC``: each source layer and config is downloaded once,
+shared by the analysis and the conversion, and the result is the same as without sharing."""
 
 import json
 import os
 import tempfile
 
 from stargz_overlay import cli
+from stargz_overlay.image_convert import open_endpoint
+from stargz_overlay.image_fs import image_manifests
 from stargz_overlay.registries_conf import RegistriesConf
 from stargz_overlay.registry import RegistryClient
 
@@ -70,6 +72,8 @@ def test_each_source_layer_is_fetched_once(image, tmp_path, capsys, monkeypatch)
                          "65536", "--json"]) == 0
         out, err = capsys.readouterr()
         assert gets_per_layer(proxy, layers) == [1, 1]
+        configs = [m["config"]["digest"] for _, m in image_manifests(open_endpoint(image[0]))]
+        assert gets_per_layer(proxy, configs) == [1]      # not once more for the analysis
         assert "startup files of python3 -c" in err
         assert err.count("downloaded once (") == 2 and "for the analysis and the conv" in err
         spooled = json.loads(out)
