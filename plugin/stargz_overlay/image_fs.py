@@ -34,7 +34,7 @@ from .progress import Progress, human_bytes
 from .reader import StargzReader, gunzip_prefix
 from .registry import INDEX_TYPES, TOC_DIGEST_ANNOTATION, parse_platform, select_platform
 from .source import FileSource
-from .toc import clean_name
+from .toc import clean_name, descend
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -76,24 +76,12 @@ class Node:
 
 # -- layers -----------------------------------------------------------------
 
-class TocLayer:
-    """A stargz/eStargz layer read through its TOC; file chunks fetched on demand."""
-
-    def __init__(self, index, digest, reader, source, cache):
-        self.index = index
-        self.digest = digest
-        self.kind = reader.kind
-        self.reader = reader
-        self.source = source          # a CountingSource
-        self._cache = cache
-        self._windows = []            # [(blob offset, compressed bytes)], newest last
-
-    @property
-    def fetched(self):
-        return self.source.bytes
+class _Layer:
+    """What the merged tree asks of a layer: its root entry, an entry's children by
+    name, and file bytes (``_read`` of a range within the file's size)."""
 
     def root(self):
-        return self.reader.toc.root
+        return self._root
 
     def child(self, entry, name):
         children = entry.children
@@ -106,6 +94,27 @@ class TocLayer:
         end = min(entry.size, offset + length)
         if offset >= end:
             return b""
+        return self._read(entry, offset, end)
+
+
+class TocLayer(_Layer):
+    """A stargz/eStargz layer read through its TOC; file chunks fetched on demand."""
+
+    def __init__(self, index, digest, reader, source, cache):
+        self.index = index
+        self.digest = digest
+        self.kind = reader.kind
+        self.reader = reader
+        self._root = reader.toc.root
+        self.source = source          # a CountingSource
+        self._cache = cache
+        self._windows = []            # [(blob offset, compressed bytes)], newest last
+
+    @property
+    def fetched(self):
+        return self.source.bytes
+
+    def _read(self, entry, offset, end):
         chunks = entry.chunks
         if any(c.digest is None for c in chunks):       # only a whole-file digest
             key = (self.index, id(entry), "whole")
@@ -176,7 +185,7 @@ _TAR_TYPES = {tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir", tarfile.CHRTYP
               tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
 
 
-class TarLayer:
+class TarLayer(_Layer):
     """A plain tar layer (decompressed to a local file), indexed once."""
 
     kind = "tar"
@@ -236,34 +245,11 @@ class TarLayer:
         except (tarfile.TarError, EOFError) as exc:
             raise FormatError(f"layer {self.digest} is not a valid tar archive: {exc}") from None
         for parent, base, target in links:
-            node = self._lookup(target)
+            node = descend(self._root, target)
             if node is not None and node.type == "reg":
                 parent.children[base] = node
 
-    def _lookup(self, name):
-        node = self._root
-        for part in name.split("/") if name else ():
-            if node.children is None:
-                return None
-            node = node.children.get(part)
-            if node is None:
-                return None
-        return node
-
-    def root(self):
-        return self._root
-
-    def child(self, entry, name):
-        children = entry.children
-        return children.get(name) if children else None
-
-    def names(self, entry):
-        return list(entry.children or ())
-
-    def read(self, entry, offset, length):
-        end = min(entry.size, offset + length)
-        if offset >= end:
-            return b""
+    def _read(self, entry, offset, end):
         if entry.data_offset is None:
             raise FormatError(f"layer {self.digest}: {entry.name} is a sparse tar entry, "
                               f"which cannot be read")
@@ -282,8 +268,8 @@ class TarLayer:
             pass
 
 
-class EmptyLayer:
-    """A layer that could not be read (zstd, ...): it contributes nothing."""
+class EmptyLayer(_Layer):
+    """A layer that could not be read (zstd, ...): it contributes nothing (an empty root)."""
 
     kind = "unreadable"
     fetched = 0
@@ -293,18 +279,6 @@ class EmptyLayer:
         self.digest = digest
         self.why = why
         self._root = _TarEntry("", "dir")
-
-    def root(self):
-        return self._root
-
-    def child(self, entry, name):
-        return None
-
-    def names(self, entry):
-        return []
-
-    def read(self, entry, offset, length):
-        return b""
 
     def close(self):
         pass

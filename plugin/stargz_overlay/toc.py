@@ -53,6 +53,18 @@ def clean_name(name):
     return posixpath.normpath("/" + name).lstrip("/")
 
 
+def descend(node, name):
+    """The entry at the clean path ``name`` below the directory entry ``node``, or None
+    (any tree whose entries have ``children``: a dict, or None for a non-directory)."""
+    for part in name.split("/") if name else ():
+        if node.children is None:
+            return None
+        node = node.children.get(part)
+        if node is None:
+            return None
+    return node
+
+
 class Chunk:
     """One gzip-compressed piece of a regular file."""
 
@@ -112,17 +124,7 @@ class TOC:
 
     def lookup(self, path):
         """Entry at ``path`` (any spelling), or None."""
-        node = self.root
-        name = clean_name(path)
-        if not name:
-            return node
-        for part in name.split("/"):
-            if node.children is None:
-                return None
-            node = node.children.get(part)
-            if node is None:
-                return None
-        return node
+        return descend(self.root, clean_name(path))
 
     def walk(self):
         """Yield ``(path, entry)`` for every name in the tree, parents first, sorted."""
