@@ -246,14 +246,27 @@ def test_hung_registry_times_out(tmp_path, estargz):
 def test_retry_on_5xx_then_success(registry, image, estargz):
     """A proxy whose upstream is briefly gone answers 502; the client retries."""
     blob, _ = estargz
+    import threading
     with Proxy("127.0.0.1:1") as proxy:             # nothing listens there: 502
         ref = image.replace(registry.host, proxy.host)
-        with make_client(proxy.host, retries=3, backoff=0.2) as c:
-            import threading
-            threading.Timer(0.1, setattr, (proxy, "upstream", registry.host)).start()
+
+        def upstream_back():
+            # the registry comes back once the proxy has answered a 502, not after a
+            # fixed time: the client's first request may come late on a loaded machine
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(
+                    g[3] == 502 for g in proxy.requests()):
+                time.sleep(0.01)
+            proxy.upstream = registry.host
+
+        back = threading.Thread(target=upstream_back, daemon=True)
+        back.start()
+        # retries: room for the switch above even if its thread is scheduled late
+        with make_client(proxy.host, retries=6, backoff=0.2) as c:
             img = c.resolve(ref)
             assert img.layers[0].size == len(blob)
             assert c.stats.retries >= 1
+        back.join(5)
 
 
 def test_corrupted_bytes_are_detected(registry, image, estargz):
