@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefetch_bench import (CLI, Bench, Lazy, Podman, bench_args, median_row,  # noqa: E402
-                            run)
+from benchenv import (CLI, Bench, Lazy, Podman, median_row, one_image_args,  # noqa: E402
+                      run)
 
 VARIANTS = (("plain", []), ("analyze", ["--analyze"]), ("recorded", ["--optimize"]))
 TARGET = 1.2
@@ -43,20 +43,20 @@ def convert(oci, dest, flags, env):
 
 
 def main():
-    args = bench_args(__doc__).parse_args()
+    args = one_image_args(__doc__).parse_args()
     with Bench(args, "optimize-bench-") as bench:
-        bench.push_legacy()
+        oci = bench.push_one_image()
         files, convert_s = {}, {}
         for tag, flags in VARIANTS:
             print(f"converting: {tag} ...", flush=True)
             started = time.monotonic()
-            files[tag] = convert(bench.oci, f"docker://{bench.direct}/bench/python:{tag}", flags,
+            files[tag] = convert(oci, f"docker://{bench.direct}/bench/python:{tag}", flags,
                                  bench.conv_env)
             convert_s[tag] = time.monotonic() - started
         results = bench.results
         results.update(startup_files=files, convert_s=convert_s)
 
-        bench.shape()
+        bench.shape("python")
         shaped = bench.shaped
         for n in range(args.repeat):
             for tag, _ in VARIANTS:

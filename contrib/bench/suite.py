@@ -36,7 +36,6 @@ contrib/bench/results/ (``--out DIR`` elsewhere).  Needs root, /dev/fuse, fuse-o
 docker-registry, skopeo, podman and runc.
 """
 
-import argparse
 import json
 import os
 import random
@@ -44,18 +43,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefetch_bench import (CLI, ENV, HERE, Podman, PodmanLazy,  # noqa: E402
-                            registries_conf, run)
-from netshape import Shaper, verify  # noqa: E402
+from benchenv import CLI, Bench, Podman, PodmanLazy, bench_args, run  # noqa: E402
+from netshape import Shaper  # noqa: E402
 from stargz_overlay.access_log import read_accesses  # noqa: E402
 from stargz_overlay.errors import StargzError  # noqa: E402
-import images  # noqa: E402  (contrib/ is on the path via prefetch_bench)
-from tests.registryfixture import Registry  # noqa: E402
 
 IMAGES = ("python", "python-full", "gcc", "bigdata")
 MODES = (("legacy", "legacy"), ("lazy", "esgz"), ("lazy-opt", "opt"))
@@ -143,33 +138,21 @@ def percentile(values, q):
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def leftover_mounts(prefix):
-    with open("/proc/mounts", encoding="utf-8") as f:
-        points = [line.split()[1].replace("\\040", " ") for line in f]
-    return [p for p in points if p.startswith(prefix)]
+def prepare(bench, kind):
+    """Image ``kind`` as ``bench/KIND:legacy`` (gzip), ``:esgz`` and ``:opt``
+    (``convert --analyze``); returns the compressed size of each."""
+    oci = bench.push(kind)
+    target = f"docker://{bench.direct}/bench/{kind}"
+    run(CLI + ["convert", oci, f"{target}:esgz"], env=bench.conv_env, timeout=1200)
+    run(CLI + ["convert", "--analyze", oci, f"{target}:opt"], env=bench.conv_env, timeout=1200)
+    return {tag: bench.image_bytes(kind, tag) for tag in ("legacy", "esgz", "opt")}
 
 
-def prepare(kind, tmp, direct, env):
-    oci = images.build(kind, os.path.join(tmp, "oci", kind))
-    run(["skopeo", "copy", "-q", "--dest-tls-verify=false", oci,
-         f"docker://{direct}/bench/{kind}:legacy"])
-    run(CLI + ["convert", oci, f"docker://{direct}/bench/{kind}:esgz"], env=env, timeout=1200)
-    run(CLI + ["convert", "--analyze", oci, f"docker://{direct}/bench/{kind}:opt"], env=env,
-        timeout=1200)
-    sizes = {}
-    for tag in ("legacy", "esgz", "opt"):
-        manifest = json.loads(run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                                   f"docker://{direct}/bench/{kind}:{tag}"]).stdout)
-        sizes[tag] = sum(layer["size"] for layer in manifest["layers"])
-        if tag == "legacy":
-            big = max(manifest["layers"], key=lambda x: x["size"])["digest"]
-    return sizes, big
-
-
-def sample(kind, mode, tag, n, tmp, shaper, shaped, timeout, record=None):
+def sample(bench, kind, mode, tag, n, timeout, record=None):
     """One cold start with fresh storage and plugin cache; with ``record``, the
     mounts also write their access record there (an untimed sample)."""
     cls = Podman if mode == "legacy" else PodmanLazy
+    tmp, shaper, shaped = bench.tmp, bench.shaper, bench.shaped
     cached = drop_caches()
     podman = cls(tmp, f"{kind}.{mode}.{n}", shaped)      # fresh storage and plugin cache
     if record is not None:
@@ -314,22 +297,15 @@ def plot(results, table, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_args(__doc__)
     parser.add_argument("--samples", type=int, default=5, help="samples per case (>= 1)")
     parser.add_argument("--quick", action="store_true", help="2 samples per case")
-    parser.add_argument("--rtt-ms", type=float, default=20.0)
-    parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--images", default=",".join(IMAGES),
                         help="comma-separated subset of " + ",".join(IMAGES))
     parser.add_argument("--deadline-min", type=float, default=30.0,
                         help="stop (skipping what is left) this many minutes after start")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"),
-                        help="directory for the text, JSON and PNG results")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (FUSE mounts, podman, drop_caches)")
     kinds = [k for k in args.images.split(",") if k]
     if not kinds or any(k not in IMAGES for k in kinds):
         raise SystemExit(f"--images: choose from {','.join(IMAGES)}")
@@ -337,20 +313,14 @@ def main():
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     deadline = time.monotonic() + args.deadline_min * 60
     left = lambda: deadline - time.monotonic()  # noqa: E731
-    tmp = tempfile.mkdtemp(prefix="bench-suite-")
-    reg = shaper = None
-    results = {"machine": f"{os.uname().sysname} {os.uname().release} {os.uname().machine}, "
-                          f"{os.cpu_count()} cpus",
-               "rtt_ms": args.rtt_ms, "mbit": args.mbit, "samples_per_case": samples,
-               "seed": seed, "images": [], "image_bytes": {}, "samples": {}, "needed": {},
-               "notes": [],
-               "page_cache_dropped": None, "targets_set": TARGETS}
-    try:
-        reg = Registry(tmp)
-        direct = reg.host
-        conf_path = registries_conf(os.path.join(tmp, "registries.conf"), [direct])
-        env = dict(ENV, CONTAINERS_REGISTRIES_CONF=conf_path)
-        big_blob = None
+    with Bench(args, "bench-suite-") as bench:
+        results = bench.results
+        results.update(machine=f"{os.uname().sysname} {os.uname().release} "
+                               f"{os.uname().machine}, {os.cpu_count()} cpus",
+                       samples_per_case=samples, seed=seed, images=[], image_bytes={},
+                       samples={}, needed={}, notes=[], page_cache_dropped=None,
+                       targets_set=TARGETS)
+        bench.start_registry()
         for kind in kinds:
             if left() < 300:
                 results["notes"].append(f"deadline: {kind} image not built, skipped")
@@ -359,32 +329,20 @@ def main():
             print(f"building and pushing {kind} (gzip, eStargz, eStargz --analyze) ...",
                   flush=True)
             started = time.monotonic()
-            results["image_bytes"][kind], blob = prepare(kind, tmp, direct, env)
+            results["image_bytes"][kind] = prepare(bench, kind)
             results["images"].append(kind)
             print(f"  {time.monotonic() - started:.0f} s", flush=True)
-            if kind == "python":
-                big_blob = blob
-            big_blob = big_blob or blob
-
-        host, port = direct.rsplit(":", 1)
-        shaper = CountingShaper((host, int(port)), rtt_ms=args.rtt_ms, mbit=args.mbit)
-        shaped = shaper.start()
-        shost, sport = shaped.rsplit(":", 1)
-        probe = results["images"][0] if results["images"] else None
-        if probe is None:
+        if not results["images"]:
             raise SystemExit("no image was built before the deadline")
-        results["link"] = link = verify(shost, int(sport), "/v2/",
-                                        f"/v2/bench/{probe}/blobs/{big_blob}")
-        print(f"shaped link {shaped} (netshape proxy): configured {args.rtt_ms:g} ms RTT, "
-              f"{args.mbit:g} Mbit/s; measured {link['rtt_ms']} ms RTT, {link['mbit']} Mbit/s",
-              flush=True)
+        bench.shape("python" if "python" in results["images"] else results["images"][0],
+                    shaper=CountingShaper)
 
         for kind in results["images"]:         # untimed: which files the workload opens
-            record = os.path.join(tmp, f"{kind}.record")
+            record = os.path.join(bench.tmp, f"{kind}.record")
             try:
-                sample(kind, "lazy", "esgz", "record", tmp, shaper, shaped,
-                       timeout=max(30, int(left())), record=record)
-                need, files = needed_bytes(direct, conf_path, kind, record)
+                sample(bench, kind, "lazy", "esgz", "record", timeout=max(30, int(left())),
+                       record=record)
+                need, files = needed_bytes(bench.direct, bench.registries_conf, kind, record)
             except (subprocess.TimeoutExpired, SystemExit, StargzError) as exc:
                 results["notes"].append(f"{kind}: recording the files opened failed: "
                                         f"{str(exc).strip()[-300:]}")
@@ -405,8 +363,7 @@ def main():
                 print(results["notes"][-1], flush=True)
                 break
             try:
-                row = sample(kind, mode, tag, n, tmp, shaper, shaped,
-                             timeout=max(30, int(left())))
+                row = sample(bench, kind, mode, tag, n, timeout=max(30, int(left())))
             except (subprocess.TimeoutExpired, SystemExit) as exc:
                 msg = f"{kind}/{mode} sample {n} failed: {str(exc).strip()[-300:]}"
                 if (kind, mode, n) not in retried:
@@ -426,9 +383,7 @@ def main():
         table, targets = summarise(results, args)
         results["table"] = table
         results["targets"] = {k: {"value": v, "met": ok} for k, (v, ok) in targets.items()}
-        os.makedirs(args.out, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = os.path.join(args.out, f"suite-{stamp}")
+        base = bench.output("suite")
         results["plot"] = plot(results, table, base + ".png")
         text = render(results, table, targets)
         print("\n" + text + results["plot"])
@@ -438,21 +393,6 @@ def main():
             json.dump(results, f, indent=2)
         print(f"written to {base}.txt/.json")
         return 0
-    finally:
-        if shaper is not None:
-            shaper.stop()
-        if reg is not None:
-            reg.stop()
-        for point in sorted(leftover_mounts(tmp), reverse=True):
-            subprocess.run(["fusermount3", "-uz", point], capture_output=True)
-            subprocess.run(["umount", "-l", point], capture_output=True)
-        still = leftover_mounts(tmp)
-        if still:
-            print(f"warning: mounts left under {tmp}: {still}", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"kept {tmp}")
 
 
 if __name__ == "__main__":
