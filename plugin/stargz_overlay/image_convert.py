@@ -23,7 +23,7 @@ from .progress import Progress, human_bytes
 from .reference import parse_reference
 from .registry import (DOCKER_MANIFEST, INDEX_TYPES, OCI_CONFIG, OCI_INDEX,
                        OCI_MANIFEST, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
-                       RegistryClient)
+                       RegistryClient, json_object)
 from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, convert
 
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -427,17 +427,6 @@ def _oci_layer_type(media_type):
     return {"application/vnd.docker.image.rootfs.diff.tar.gzip": OCI_LAYER_GZIP,
             "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
             }.get(media_type, media_type)
-
-
-def json_object(body, what):
-    """``body`` parsed as a JSON object, or a StargzError naming ``what``."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise StargzError(f"{what} is not JSON") from None
-    if not isinstance(doc, dict):
-        raise StargzError(f"{what} is not a JSON object")
-    return doc
 
 
 def describe(report):

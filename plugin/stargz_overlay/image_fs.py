@@ -28,11 +28,12 @@ from collections import OrderedDict
 from .digests import hasher_digest, sha256_digest
 from .errors import DigestMismatch, FormatError, StargzError
 from .footer import MAX_FOOTER_SIZE, parse_footer
-from .image_convert import LayoutEndpoint, RegistryEndpoint, copy_file, json_object
+from .image_convert import LayoutEndpoint, RegistryEndpoint, copy_file
 from .layer_view import CountingSource
 from .progress import Progress, human_bytes
 from .reader import StargzReader, gunzip_prefix
-from .registry import INDEX_TYPES, TOC_DIGEST_ANNOTATION, parse_platform, select_platform
+from .registry import (INDEX_TYPES, TOC_DIGEST_ANNOTATION, json_object, parse_platform,
+                       select_platform)
 from .source import FileSource
 from .toc import clean_name, descend
 

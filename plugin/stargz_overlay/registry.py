@@ -203,6 +203,18 @@ class Stats:
                 setattr(self, name, 0)
 
 
+def json_object(body, what, error=StargzError):
+    """``body`` (a manifest, index or config) parsed as a JSON object, or ``error``
+    naming ``what``."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise error(f"{what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what} is not a JSON object")
+    return doc
+
+
 def _check_content(data, digest, what):
     algo, _, hexpart = digest.partition(":")
     if algo not in hashlib.algorithms_available or algo not in ("sha256", "sha384", "sha512"):
@@ -714,12 +726,7 @@ class RegistryClient:
             digest = locator
         else:
             digest = sha256_digest(body)
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise RegistryError(f"{ep.host}: {what} is not JSON") from None
-        if not isinstance(doc, dict):
-            raise RegistryError(f"{ep.host}: {what} is not a JSON object")
+        doc = json_object(body, f"{ep.host}: {what}", RegistryError)
         media_type = doc.get("mediaType") or ctype
         if media_type in DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
             raise RegistryError(f"{ep.host}: {what} is a Docker schema 1 manifest, "
@@ -823,10 +830,7 @@ class RegistryClient:
         config = {}
         if cfg_desc.get("digest"):
             raw = self.get_blob(src.reference, cfg_desc["digest"], source=src)
-            try:
-                config = json.loads(raw)
-            except ValueError:
-                raise RegistryError(f"{src.reference}: image config is not JSON") from None
+            config = json_object(raw, f"{src.reference}: image config", RegistryError)
         if platform is None:
             platform = format_platform((config.get("os", ""), config.get("architecture", ""),
                                         config.get("variant", "")))
@@ -894,36 +898,39 @@ class RegistryClient:
             return False
         raise self._status_error(resp, f"HEAD blob {digest}", ep)
 
-    def _start_upload(self, ref, ep, digest, mount_from, scopes, deadline, what):
-        """POST an upload, as a cross-repository mount when ``mount_from`` (a repository
-        on the same registry) is given; 201 = mounted, 202 = upload session (Location)."""
+    def _start_upload(self, ref, ep, digest, mount_from, what):
+        """Begin putting ``digest`` into ``ref``'s repository: None when it is there
+        already or was mounted from ``mount_from`` (a repository on the same registry;
+        POST answers 201), else the upload session (202): ``(location, scopes, deadline)``."""
+        if self.blob_exists(ref, digest):
+            return None
+        scopes = post_scopes = [scope_for(ref.repository, ("pull", "push"))]
+        deadline = Deadline(self.deadline)
         query = ""
         if mount_from:
-            scopes = scopes + [scope_for(mount_from)]
+            post_scopes = scopes + [scope_for(mount_from)]
             query = "?" + urlencode({"mount": digest, "from": mount_from})
         resp = self.call(ep, "POST", f"/v2/{ref.repository}/blobs/uploads/{query}", what=what,
-                         deadline=deadline, scopes=scopes, headers={"Content-Length": "0"})
+                         deadline=deadline, scopes=post_scopes, headers={"Content-Length": "0"})
         resp.close()
         if resp.status_code == 201:
             log.info("%s: mounted %s from %s", ep.host, digest, mount_from)
-        elif resp.status_code != 202 or not resp.headers.get("Location"):
+            return None
+        if resp.status_code != 202 or not resp.headers.get("Location"):
             raise self._status_error(resp, what, ep)
-        return resp
+        return urljoin(ep.url("/"), resp.headers["Location"]), scopes, deadline
 
     def mount_blob(self, reference, digest, mount_from):
         """Make ``digest`` from repository ``mount_from`` (same registry) appear in
         ``reference``'s repository without transferring it; True when it did."""
         ref, ep = self._push_endpoint(reference)
-        if self.blob_exists(ref, digest):
-            return True
-        scopes = [scope_for(ref.repository, ("pull", "push"))]
-        deadline = Deadline(self.deadline)
         what = f"mount of blob {digest} into {ref.repository}"
-        resp = self._start_upload(ref, ep, digest, mount_from, scopes, deadline, what)
-        if resp.status_code == 201:
+        session = self._start_upload(ref, ep, digest, mount_from, what)
+        if session is None:
             return True
-        cancel = self.call(ep, "DELETE", urljoin(ep.url("/"), resp.headers["Location"]),
-                           what=f"cancel of {what}", deadline=deadline, scopes=scopes)
+        location, scopes, deadline = session
+        cancel = self.call(ep, "DELETE", location, what=f"cancel of {what}", deadline=deadline,
+                           scopes=scopes)
         cancel.close()
         return False
 
@@ -951,15 +958,11 @@ class RegistryClient:
             raise DigestMismatch(f"blob to push has digest {actual}, not {digest}")
         digest = actual
         ref, ep = self._push_endpoint(reference)
-        if self.blob_exists(ref, digest):
-            return digest
-        scopes = [scope_for(ref.repository, ("pull", "push"))]
-        deadline = Deadline(self.deadline)
         what = f"upload of blob {digest} to {ref.repository}"
-        resp = self._start_upload(ref, ep, digest, mount_from, scopes, deadline, what)
-        if resp.status_code == 201:
+        session = self._start_upload(ref, ep, digest, mount_from, what)
+        if session is None:
             return digest
-        location = urljoin(ep.url("/"), resp.headers["Location"])
+        location, scopes, deadline = session
         sep = "&" if "?" in location else "?"
         put_url = f"{location}{sep}{urlencode({'digest': digest})}"
         resp = self.call(ep, "PUT", put_url, what=what, deadline=deadline, scopes=scopes,
