@@ -28,8 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "stargz_overlay"]
 COMMAND = ["python3", "-c", "print('hello')"]
 PODMAN_RUN = ["run", "--network", "none", "--ulimit", "nofile=1024:1024",
-              "--ulimit", "nproc=1024:1024"]    # (no --rm: see Podman.run)
+              "--ulimit", "nproc=1024:1024"]    # (no --rm: see podman_run)
 
 
 class DemoError(Exception):
@@ -72,92 +70,20 @@ def check_machine():
         raise DemoError("/dev/fuse is missing: FUSE is not available here")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def podman_run(podman, title, ref):
+    """Time ``podman run`` of ``ref`` (pull included) in ``podman``'s private storage.
 
-
-class Registry:
-    """docker-registry on a free loopback port, storage in ``directory``."""
-
-    def __init__(self, directory):
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        os.makedirs(directory, exist_ok=True)
-        config = os.path.join(directory, "config.yml")
-        with open(config, "w") as f:
-            f.write("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-                    f"storage:\n  filesystem:\n    rootdirectory: {directory}/data\n"
-                    "  delete:\n    enabled: true\n"
-                    f"http:\n  addr: {self.host}\n  secret: {uuid.uuid4().hex}\n")
-        self.log = open(os.path.join(directory, "registry.log"), "ab")
-        self.proc = subprocess.Popen(["docker-registry", "serve", config], stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise DemoError("docker-registry did not start (see registry.log)")
-                time.sleep(0.05)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-class Podman:
-    """podman with its own storage.conf, graph root and (short) run root."""
-
-    def __init__(self, directory, registries_conf, extra=""):
-        self.dir = directory
-        os.makedirs(directory, exist_ok=True)
-        self.conf = os.path.join(directory, "storage.conf")
-        with open(self.conf, "w") as f:
-            f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{directory}/graph"\n'
-                    f'runroot = "{directory}/run"\n{extra}')
-        # a private engine tmp_dir: podman's default, /run/libpod, is shared by every podman
-        # on the machine, and "system reset" (our clean-up) would wipe it for all of them
-        containers_conf = os.path.join(directory, "containers.conf")
-        with open(containers_conf, "w") as f:
-            f.write(f'[engine]\ntmp_dir = "{directory}/tmp"\n')
-        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=self.conf,
-                        CONTAINERS_REGISTRIES_CONF=registries_conf,
-                        CONTAINERS_CONF=containers_conf)
-
-    def argv(self, *args):
-        return ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
-                "--events-backend", "none", *args]
-
-    def run(self, title, *args, timeout=600):
-        """Time ``podman ARGS`` (a ``run``: the container is removed afterwards).
-
-        Not ``run --rm``: under load Podman 4.3.1 sometimes loses the exit code of a
-        ``--rm`` container that exits at once ("no such exit code").
-        """
-        name = f"demo-{uuid.uuid4().hex[:8]}"
-        args = (args[0], "--name", name) + args[1:]
-        try:
-            return timed(title, self.argv(*args), env=self.env, timeout=timeout)
-        finally:
-            subprocess.run(self.argv("rm", "-f", "-t", "0", name), env=self.env,
-                           capture_output=True, timeout=120)
-
-    def cleanup(self):
-        for args in (("rm", "-af", "-t", "0"), ("rmi", "-af"), ("system", "reset", "-f")):
-            subprocess.run(self.argv(*args), env=self.env, capture_output=True, timeout=120)
-        subprocess.run(["umount", "-R", os.path.join(self.dir, "graph", "overlay")],
-                       capture_output=True)
+    Not ``run --rm``: under load Podman 4.3.1 sometimes loses the exit code of a
+    ``--rm`` container that exits at once ("no such exit code"); the named
+    container is removed afterwards instead.
+    """
+    name = f"demo-{uuid.uuid4().hex[:8]}"
+    try:
+        return timed(title, podman.argv(*PODMAN_RUN, "--name", name, ref, *COMMAND),
+                     env=podman.env, timeout=600)
+    finally:
+        subprocess.run(podman.argv("rm", "-f", "-t", "0", name), env=podman.env,
+                       capture_output=True, timeout=120)
 
 
 def image_layout(cache_root, kind):
@@ -197,32 +123,16 @@ def mb(n):
     return f"{n / 1e6:.1f} MB"
 
 
-def kill_leftovers(work):
-    """FUSE daemons still serving a mount under ``work`` (one by one, by pid)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"fuse-overlayfs") and any(
-                a.startswith(os.fsencode(work)) or os.fsencode(work) in a for a in argv[1:]):
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except OSError:
-                pass
-
-
 def demo(args):
     check_machine()
     sys.path.insert(0, os.path.join(HERE, "bench"))
-    from netshape import Shaper
+    from benchenv import Podman, registries_conf, unmount_all, unmount_store  # noqa: E402
+    from netshape import Shaper  # noqa: E402
+    from tests.registryfixture import Registry  # noqa: E402
     cache_root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                               "stargz-overlay-demo")
     os.makedirs(cache_root, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="sz-demo-", dir="/tmp")    # short: podman's run root
+    work = tempfile.mkdtemp(prefix="sz-demo-", dir="/tmp")
     say(f"stargz-overlay demo: podman run {' '.join(COMMAND)} (work directory {work})")
     registry = shaper = store_mnt = None
     podmans = []
@@ -232,12 +142,9 @@ def demo(args):
         timed("pushed it to a local docker-registry as an ordinary gzip image",
               ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:python",
                f"docker://{registry.host}/demo/python:gzip"], timeout=300)
-        regconf = os.path.join(work, "registries.conf")
         shaper = Shaper(("127.0.0.1", registry.port), rtt_ms=args.rtt_ms, mbit=args.mbit)
         link = shaper.start()
-        with open(regconf, "w") as f:
-            for host in (registry.host, link):
-                f.write(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
+        regconf = registries_conf(os.path.join(work, "registries.conf"), [registry.host, link])
         env = dict(os.environ, CONTAINERS_REGISTRIES_CONF=regconf)
         res, _ = timed("converted it to eStargz (startup files found by static analysis "
                        "first, for one prefetch)",
@@ -250,11 +157,11 @@ def demo(args):
             f"{args.mbit:g} Mbit/s\n")
 
         # 1. the normal way
-        plain = Podman(os.path.join(work, "plain"), regconf)
+        plain = Podman(work, "plain", link)
         podmans.append(plain)
         before = shaper.bytes_down
-        res, t_plain = plain.run("normal: podman run of the gzip image (full pull, then run)",
-                                 *PODMAN_RUN, f"{link}/demo/python:gzip", *COMMAND)
+        res, t_plain = podman_run(plain, "normal: podman run of the gzip image (full pull, "
+                                  "then run)", f"{link}/demo/python:gzip")
         plain_bytes = shaper.bytes_down - before
         say(f"    output: {res.stdout.strip()!r}; {mb(plain_bytes)} over the link")
 
@@ -267,19 +174,19 @@ def demo(args):
         timed("mounted the store (stargz-overlay store)",
               CLI + ["store", store_mnt, "--state-dir", os.path.join(work, "state"),
                      "--config", config], timeout=120)
-        lazy = Podman(os.path.join(work, "lazy"), regconf,
-                      extra=f'[storage.options]\nadditionallayerstores = '
-                            f'["{store_mnt}/store:ref"]\n[storage.options.overlay]\n'
-                            f'mount_program = "{mount_program(work)}"\n')
+        lazy = Podman(work, "lazy", link,
+                      storage=f'[storage.options]\nadditionallayerstores = '
+                              f'["{store_mnt}/store:ref"]\n[storage.options.overlay]\n'
+                              f'mount_program = "{mount_program(work)}"\n')
         podmans.append(lazy)
         before = shaper.bytes_down
-        res, t_lazy = lazy.run("lazy: podman run of the eStargz image through the store",
-                               *PODMAN_RUN, f"{link}/demo/python:esgz", *COMMAND)
+        res, t_lazy = podman_run(lazy, "lazy: podman run of the eStargz image through the "
+                                 "store", f"{link}/demo/python:esgz")
         lazy_bytes = shaper.bytes_down - before
         say(f"    output: {res.stdout.strip()!r}; {mb(lazy_bytes)} over the link")
         before = shaper.bytes_down
-        res, t_warm = lazy.run("lazy again: a second container (files cached locally)",
-                               *PODMAN_RUN, f"{link}/demo/python:esgz", *COMMAND)
+        res, t_warm = podman_run(lazy, "lazy again: a second container (files cached "
+                                 "locally)", f"{link}/demo/python:esgz")
         say(f"    output: {res.stdout.strip()!r}; {mb(shaper.bytes_down - before)} over "
             f"the link")
 
@@ -299,14 +206,8 @@ def demo(args):
         for p in podmans:
             p.cleanup()
         if store_mnt:
-            subprocess.run(CLI + ["store", "--unmount", store_mnt], capture_output=True,
-                           timeout=60)
-            from stargz_overlay.store import index_path
-            try:
-                os.unlink(index_path(store_mnt))
-            except OSError:
-                pass
-        kill_leftovers(work)
+            unmount_store(store_mnt)
+        unmount_all(work)
         if shaper is not None:
             shaper.stop()
         if registry is not None:
@@ -330,7 +231,7 @@ def main():
     args = parser.parse_args()
     try:
         demo(args)
-    except DemoError as exc:
+    except (DemoError, RuntimeError) as exc:     # (RuntimeError: the registry did not start)
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     return 0
