@@ -125,6 +125,20 @@ def wait_until(predicate, timeout, step=0.05):
     return predicate()
 
 
+def unread_requests(port):
+    """Connections to 127.0.0.1:``port`` holding bytes its server has not read yet (a
+    request sent to a SIGSTOPped registry), from /proc/net/tcp."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if (local == f"0100007F:{port:04X}" and state == "01"
+                    and int(queues.split(":")[1], 16) > 0):
+                count += 1
+    return count
+
+
 def plugin_config(directory, registry=None, **extra):
     """A plugin config.toml under ``directory`` (cache, log, metrics all inside it).
 

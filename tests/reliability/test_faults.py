@@ -21,7 +21,7 @@ import pytest
 
 from ..registryfixture import Registry, free_port
 from .faultproxy import FaultProxy
-from .helpers import alive, check_cache, cli, wait_until
+from .helpers import alive, check_cache, cli, unread_requests, wait_until
 from .regimage import DEADLINE, push_files, registry_config
 
 SMALL = {f"small/f{i:02d}": random.Random(i).randbytes(40_000 + 1000 * i) for i in range(16)}
@@ -143,7 +143,11 @@ def cached_read_during_a_hung_fetch(tmp_path, so, mounts, registry):
         blocked = threading.Thread(target=lambda: box.update(r=read_in_thread(
             os.path.join(m.mnt, "small/f03"), FAIL_WITHIN + 10)), daemon=True)
         blocked.start()
-        time.sleep(0.5)                                 # the fetch of f03 is now waiting
+        # the fetch of f03 is waiting once its request sits unread at the frozen registry
+        # (a fixed sleep could end before the open even began on a loaded machine, and
+        # then the cached read measured nothing)
+        assert wait_until(lambda: unread_requests(reg.port), DEADLINE), \
+            "the open of small/f03 sent no request"
         cached_seconds = expect_data(m, "small/f00", timeout=FAIL_WITHIN + 10)
         blocked.join(FAIL_WITHIN + 15)
     finally:
