@@ -26,6 +26,7 @@ from stargz_overlay.toc import FILE_TYPES, parse_toc
 from stargz_overlay.writer import convert
 
 from .tarbuild import TarBuilder
+from .tocinvariants import assert_chunks_tile
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.data_too_large])
@@ -166,12 +167,7 @@ def check_toc(toc, data_end):
                 if child.type == "dir":
                     assert child.name == posixpath.join(path, base)
         if entry.type == "reg":
-            pos = 0
-            for chunk in entry.chunks:
-                assert chunk.chunk_offset == pos and chunk.size > 0
-                assert 0 <= chunk.offset < chunk.end <= data_end
-                pos += chunk.size
-            assert pos == entry.size
+            assert_chunks_tile(entry, data_end)
             assert entry.digest is None or DIGEST_RE.fullmatch(entry.digest)
             assert all(c.digest is None or DIGEST_RE.fullmatch(c.digest) for c in entry.chunks)
     assert in_tree == {id(e) for e in toc.entries}

@@ -22,6 +22,8 @@ from stargz_overlay.source import BytesSource
 from stargz_overlay.toc import parse_toc
 from stargz_overlay.writer import convert
 
+from ..format.tocinvariants import assert_chunks_tile
+
 OUTPUT_BUDGET = 64 << 20        # bytes a target may read back from one input
 
 
@@ -35,12 +37,7 @@ def check_toc(toc, data_end):
         path.encode("utf-8")                     # strict: representable as a file name
         assert toc.lookup(path) is entry
         if entry.type == "reg":
-            pos = 0
-            for chunk in entry.chunks:
-                assert chunk.chunk_offset == pos and chunk.size > 0
-                assert 0 <= chunk.offset < chunk.end <= data_end
-                pos += chunk.size
-            assert pos == entry.size
+            assert_chunks_tile(entry, data_end)
         for key in entry.xattrs:
             assert key and "\0" not in key
         seen.add(id(entry))
