@@ -70,20 +70,25 @@ def check_machine():
         raise DemoError("/dev/fuse is missing: FUSE is not available here")
 
 
-def podman_run(podman, title, ref):
-    """Time ``podman run`` of ``ref`` (pull included) in ``podman``'s private storage.
+def podman_run(podman, title, ref, shaper):
+    """Time ``podman run`` of ``ref`` (pull included) in ``podman``'s private storage,
+    print its output and the bytes it moved over ``shaper``'s link; returns both figures.
 
     Not ``run --rm``: under load Podman 4.3.1 sometimes loses the exit code of a
     ``--rm`` container that exits at once ("no such exit code"); the named
     container is removed afterwards instead.
     """
     name = f"demo-{uuid.uuid4().hex[:8]}"
+    before = shaper.bytes_down
     try:
-        return timed(title, podman.argv(*PODMAN_RUN, "--name", name, ref, *COMMAND),
-                     env=podman.env, timeout=600)
+        res, elapsed = timed(title, podman.argv(*PODMAN_RUN, "--name", name, ref, *COMMAND),
+                             env=podman.env, timeout=600)
     finally:
         subprocess.run(podman.argv("rm", "-f", "-t", "0", name), env=podman.env,
                        capture_output=True, timeout=120)
+    moved = shaper.bytes_down - before
+    say(f"    output: {res.stdout.strip()!r}; {mb(moved)} over the link")
+    return elapsed, moved
 
 
 def image_layout(cache_root, kind):
@@ -159,11 +164,9 @@ def demo(args):
         # 1. the normal way
         plain = Podman(work, "plain", link)
         podmans.append(plain)
-        before = shaper.bytes_down
-        res, t_plain = podman_run(plain, "normal: podman run of the gzip image (full pull, "
-                                  "then run)", f"{link}/demo/python:gzip")
-        plain_bytes = shaper.bytes_down - before
-        say(f"    output: {res.stdout.strip()!r}; {mb(plain_bytes)} over the link")
+        t_plain, plain_bytes = podman_run(
+            plain, "normal: podman run of the gzip image (full pull, then run)",
+            f"{link}/demo/python:gzip", shaper)
 
         # 2. lazily, through the store
         store_mnt = os.path.join(work, "als")
@@ -179,16 +182,11 @@ def demo(args):
                               f'["{store_mnt}/store:ref"]\n[storage.options.overlay]\n'
                               f'mount_program = "{mount_program(work)}"\n')
         podmans.append(lazy)
-        before = shaper.bytes_down
-        res, t_lazy = podman_run(lazy, "lazy: podman run of the eStargz image through the "
-                                 "store", f"{link}/demo/python:esgz")
-        lazy_bytes = shaper.bytes_down - before
-        say(f"    output: {res.stdout.strip()!r}; {mb(lazy_bytes)} over the link")
-        before = shaper.bytes_down
-        res, t_warm = podman_run(lazy, "lazy again: a second container (files cached "
-                                 "locally)", f"{link}/demo/python:esgz")
-        say(f"    output: {res.stdout.strip()!r}; {mb(shaper.bytes_down - before)} over "
-            f"the link")
+        t_lazy, lazy_bytes = podman_run(
+            lazy, "lazy: podman run of the eStargz image through the store",
+            f"{link}/demo/python:esgz", shaper)
+        t_warm, _ = podman_run(lazy, "lazy again: a second container (files cached locally)",
+                               f"{link}/demo/python:esgz", shaper)
 
         say(f"\ncold start: {t_lazy:.2f} s lazily vs {t_plain:.2f} s with a full pull "
             f"({t_lazy / t_plain:.2f}x); {mb(lazy_bytes)} vs {mb(plain_bytes)} transferred")
