@@ -14,6 +14,7 @@ Everything is torn down at the end: containers, images, mounts, the store
 and the servers.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -273,14 +274,21 @@ class StoreEnv:
             shutil.rmtree(self.podman_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = StoreEnv(tmp_path_factory.mktemp("podman-store"))
+@contextlib.contextmanager
+def running_store(tmp, mount_program=True):
+    """A StoreEnv in ``tmp`` with its store mounted; all of it torn down at the end."""
+    e = StoreEnv(tmp, mount_program=mount_program)
     try:
         e.start_store()
         yield e
     finally:
         e.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with running_store(tmp_path_factory.mktemp("podman-store")) as e:
+        yield e
 
 
 def run(env, image, *cmd, extra=(), check=True, timeout=120):

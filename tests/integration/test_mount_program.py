@@ -13,7 +13,7 @@ from stargz_overlay.layer_spec import decode
 from stargz_overlay.mount_program import clean_stale, rewrite, split_options
 from stargz_overlay.store_view import encode_ref
 
-from .conftest import StoreEnv, cli_env, estargz, mount_program_wrapper, push
+from .conftest import cli_env, estargz, mount_program_wrapper, push, running_store
 from ..imagefixture import tar_layer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,12 +38,8 @@ def test_split_options_keeps_quoted_commas():
 
 @pytest.fixture(scope="module")
 def menv(tmp_path_factory):
-    e = StoreEnv(tmp_path_factory.mktemp("mountprog"), mount_program=False)
-    try:
-        e.start_store()
+    with running_store(tmp_path_factory.mktemp("mountprog"), mount_program=False) as e:
         yield e
-    finally:
-        e.close()
 
 
 @pytest.fixture(scope="module")

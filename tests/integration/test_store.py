@@ -19,7 +19,7 @@ import pytest
 from stargz_overlay.registry import TOC_DIGEST_ANNOTATION
 from stargz_overlay.store_view import encode_ref
 
-from .conftest import StoreEnv, busybox_tar, cli, cli_env, estargz, plain_gzip, push
+from .conftest import busybox_tar, cli, cli_env, estargz, plain_gzip, push, running_store
 from ..imagefixture import tar_layer
 
 DATA = os.urandom(300_000)
@@ -29,12 +29,8 @@ FILES = tar_layer({"srv": ("dir",), "srv/a.txt": b"alpha\n", "srv/data.bin": DAT
 
 @pytest.fixture(scope="module")
 def senv(tmp_path_factory):
-    e = StoreEnv(tmp_path_factory.mktemp("store"), mount_program=False)
-    try:
-        e.start_store()
+    with running_store(tmp_path_factory.mktemp("store"), mount_program=False) as e:
         yield e
-    finally:
-        e.close()
 
 
 @pytest.fixture(scope="module")
