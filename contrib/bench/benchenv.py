@@ -26,9 +26,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-for _path in (HERE, ROOT, os.path.join(ROOT, "contrib"), os.path.join(ROOT, "plugin")):
+for _path in (os.path.join(ROOT, "plugin"), os.path.join(ROOT, "contrib"), ROOT, HERE):
     if _path not in sys.path:
-        sys.path.insert(0, _path)
+        sys.path.insert(0, _path)          # (the source tree's package, images.py, tests)
 
 import images  # noqa: E402
 from netshape import Shaper, verify  # noqa: E402

@@ -17,8 +17,9 @@ contrib/bench/netshape.py (default 20 ms RTT, 100 Mbit/s).  The median of
     sudo .venv/bin/python contrib/bench/optimize_bench.py [--rtt-ms 20] [--mbit 100] \\
         [--image python-full|python] [--repeat 3]
 
-Prints a table and writes JSON to contrib/bench/results/.  Needs root, /dev/fuse,
-fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.
+Prints a table and writes JSON to contrib/bench/results/ (``--out DIR`` elsewhere).
+Needs root, /dev/fuse, fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.
+The set-up is contrib/bench/benchenv.py's.
 """
 
 import os

@@ -34,8 +34,8 @@ compressed bytes of the files the workload reads.
 Each start is repeated (fresh cache, fresh podman storage) and the median is
 reported.
 
-Prints a table and writes JSON to contrib/bench/results/.  Needs root,
-/dev/fuse, fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.
+Prints a table and writes JSON to contrib/bench/results/ (``--out DIR`` elsewhere).
+Needs root, /dev/fuse, fuse-overlayfs 1.x, docker-registry, skopeo, podman and runc.
 
 The set-up (registry, image, shaped link, the ways to start the image, clean-up)
 is contrib/bench/benchenv.py's, shared with optimize_bench.py and suite.py.

@@ -33,7 +33,8 @@ remaining samples with a message.
 
 Writes a text table, JSON and (when matplotlib imports) a PNG to
 contrib/bench/results/ (``--out DIR`` elsewhere).  Needs root, /dev/fuse, fuse-overlayfs 1.x,
-docker-registry, skopeo, podman and runc.
+docker-registry, skopeo, podman and runc.  The set-up (registry, shaped link, podman
+storages, clean-up) is contrib/bench/benchenv.py's, shared with the other benchmarks.
 """
 
 import json
