@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import uuid
 
 import pytest
 
@@ -135,8 +136,14 @@ class Podman:
         return res
 
     def run(self, image, *cmd, extra=()):
-        return self("run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
-                    "--ulimit", "nproc=1024:1024", *extra, image, *cmd)
+        """``podman run``, then ``podman rm``.  (Not ``--rm``: under load Podman 4.3.1
+        sometimes loses the exit code of a ``--rm`` container that exits at once.)"""
+        name = f"t{uuid.uuid4().hex[:12]}"
+        try:
+            return self("run", "--name", name, "--network", "none", "--ulimit",
+                        "nofile=1024:1024", "--ulimit", "nproc=1024:1024", *extra, image, *cmd)
+        finally:
+            self("rm", "-f", "-t", "0", name, check=False)
 
     def cleanup(self):
         self("rm", "-af", check=False)
