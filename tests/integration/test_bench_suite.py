@@ -4,15 +4,19 @@ One sample per mode of the small python image over a lightly shaped link: the
 figures are not checked for speed (benchmarks are not timed tests), only for
 being real measurements: the legacy pull moves the whole gzip image, a lazy
 start moves a fraction, bytes needed come from the files the workload opened,
-and no mount, registry or podman process of the run survives it.
+and no mount, registry or podman process of the run, nor any record of its
+layer stores, survives it.
 """
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+
+from stargz_overlay.store import index_path
 
 from ..plugin.fusehelp import REPO, plugin_so, require_fuse
 
@@ -33,6 +37,22 @@ def _processes_mentioning(text):
     return found
 
 
+def _store_records_since(started):
+    """The ``stargz-overlay store`` records (kept outside the suite's tree) of stores
+    under a bench-suite- tree that were started since ``started``."""
+    stores = os.path.dirname(index_path("/"))
+    found = []
+    for name in os.listdir(stores) if os.path.isdir(stores) else ():
+        try:
+            with open(os.path.join(stores, name), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if "bench-suite-" in doc.get("mountpoint", "") and doc.get("started", 0) >= started:
+            found.append(doc["mountpoint"])
+    return found
+
+
 def test_suite_measures_and_cleans_up(tmp_path):
     require_fuse()
     for tool in ("podman", "skopeo", "docker-registry"):
@@ -40,6 +60,7 @@ def test_suite_measures_and_cleans_up(tmp_path):
             pytest.skip(f"the benchmark suite needs {tool}")
     plugin_so(os.path.join(REPO, "plugin", "stargz_overlay"))   # the suite runs the tree
     out = tmp_path / "results"
+    started = time.time()
     res = subprocess.run([SUITE, "--images", "python", "--samples", "1", "--rtt-ms", "2",
                           "--mbit", "800", "--deadline-min", "8", "--out", str(out)],
                          capture_output=True, text=True, timeout=900,
@@ -68,3 +89,4 @@ def test_suite_measures_and_cleans_up(tmp_path):
     with open("/proc/mounts", encoding="utf-8") as f:
         assert "bench-suite-" not in f.read()
     assert not _processes_mentioning("bench-suite-")
+    assert not _store_records_since(started)
