@@ -88,7 +88,29 @@ def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _wait_port(port, proc=None, timeout=15.0, log=None):
+def _listens(pid, port):
+    """Does process ``pid`` hold the socket listening on 127.0.0.1:``port``?"""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _wait_port(port, proc=None, timeout=30.0, log=None):
+    """Wait until something (``proc`` itself, if given) listens on ``port``."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
@@ -96,9 +118,13 @@ def _wait_port(port, proc=None, timeout=15.0, log=None):
             raise RuntimeError(f"server exited with {proc.returncode}: {text}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+            # (another process may hold the port: then ours is about to fail to bind)
+            if proc is None or _listens(proc.pid, port):
                 return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
@@ -252,7 +278,7 @@ class Registry:
                  "storage:", "  filesystem:",
                  f"    rootdirectory: {os.path.join(self.directory, 'storage')}",
                  "  delete:", "    enabled: true",
-                 "http:", f"  addr: 127.0.0.1:{self.port}", f"  secret: {uuid.uuid4().hex}"]
+                 "http:", "  addr: ADDR", f"  secret: {uuid.uuid4().hex}"]
         if tls:
             ca = make_ca(self.directory)
             crt, key = make_cert(self.directory, ca, "server")
@@ -278,10 +304,22 @@ class Registry:
                       f"    service: {token.SERVICE}", f"    issuer: {token.ISSUER}",
                       f"    rootcertbundle: {token.ca[0]}"]
         self.config = os.path.join(self.directory, "config.yml")
-        with open(self.config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        self._config_text = "\n".join(lines) + "\n"
+        self._write_config()
+        self._started = False
         if start:
             self.start()
+
+    def _write_config(self):
+        with open(self.config, "w") as f:
+            f.write(self._config_text.replace("  addr: ADDR", f"  addr: {self.host}"))
+
+    def _move_to_another_port(self):
+        old = self.host
+        self.port = free_port()
+        if self.certs_dir:
+            os.rename(os.path.join(self.certs_dir, old), os.path.join(self.certs_dir, self.host))
+        self._write_config()
 
     @property
     def host(self):
@@ -292,11 +330,24 @@ class Registry:
         return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def start(self):
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([REGISTRY_BIN, "serve", self.config], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        _wait_port(self.port, self.proc, log=self.log)
+        """Start the registry and wait until it listens.
+
+        The port was free when chosen, but a concurrent process may bind it before
+        docker-registry does: the first start then moves to another port (a restart
+        keeps its port, which the clients know)."""
+        for attempt in range(5):
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen([REGISTRY_BIN, "serve", self.config], stdout=log,
+                                             stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                _wait_port(self.port, self.proc, log=self.log)
+                break
+            except RuntimeError as exc:
+                if self._started or attempt == 4 or "address already in use" not in str(exc):
+                    raise
+                self._move_to_another_port()
+        self._started = True
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
