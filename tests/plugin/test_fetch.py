@@ -274,7 +274,10 @@ def test_no_prefetch_settings(tmp_path, so, mounts, links, images):
     m = mount_layers(tmp_path, so, mounts, link, images, cfg)
     at_mount = len(link.blob_gets())
     os.listdir(m.mnt)
-    time.sleep(1.0)
+    # the daemon's workers have started (and a prefetch would have) once the metrics
+    # say "off" for both layers: no fixed sleep that a loaded machine can outlast
+    wait_for(lambda: all((layer_stats(tmp_path, x) or {}).get("prefetch") == "off"
+                         for x in (images["app"], images["base"])), what="prefetch off")
     assert len(link.blob_gets()) == at_mount
     m.unmount()
 
