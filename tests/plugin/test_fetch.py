@@ -147,9 +147,11 @@ def config_for(tmp_path, link, **extra):
     (tmp_path / "registries.conf").write_text("")
     (tmp_path / "auth.json").write_text("{}")
     (tmp_path / "certs.d").mkdir(exist_ok=True)
+    # read_timeout: the product's default; these tests count requests, and a stream
+    # stalled past a short timeout on a loaded machine resumes with a second request
     registry = {"insecure": [link.host], "registries_conf": str(tmp_path / "registries.conf"),
                 "auth_file": str(tmp_path / "auth.json"), "certs_dir": str(tmp_path / "certs.d"),
-                "connect_timeout": 2.0, "read_timeout": 5.0}
+                "connect_timeout": 2.0, "read_timeout": 30.0}
     tables = extra.pop("tables", {})
     tables.setdefault("blob", {"max_retries": 1, "fetching_timeout_sec": 10.0,
                                "min_wait_msec": 50})
