@@ -10,6 +10,7 @@ import random
 import stat
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -221,17 +222,30 @@ def test_default_mode_daemon_is_single_threaded_and_detached(tmp_path, so, confi
     with open(os.path.join(m.mnt, "d0/f0"), "rb") as f:
         assert f.read() == FILES["d0/f0"]
     [pid] = m.pids
-    comms = [open(f"/proc/{pid}/task/{tid}/comm").read().strip()
-             for tid in os.listdir(f"/proc/{pid}/task")]
+
+    def not_ours():
+        comms = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    comms.append(f.read().strip())
+            except FileNotFoundError:       # a thread that has just ended
+                pass
+        return [c for c in comms if not c.startswith("sz-")]
+
     # fuse-overlayfs's own loop is single-threaded; our workers (metrics, prefetch,
-    # background fetch) are named sz-* and started in the daemon only
-    assert len([c for c in comms if not c.startswith("sz-")]) == 1, comms
+    # background fetch) are named sz-* and started in the daemon only.  A worker names
+    # itself once it runs, and has the daemon's name until then (the first open above
+    # starts the metrics writer): wait for the names to settle, not for a fixed time.
+    deadline = time.monotonic() + 10
+    while len(others := not_ours()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(others) == 1, others
     for fd in (0, 1, 2):
         assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
 
 
 def test_prioritized_files_are_prefetched_in_the_daemon(tmp_path, so, config, mounts, log_of):
-    import time
     wanted = ["d1/f2", "d0/f5", "big"]
     layer = build_layer(str(tmp_path), "prio", lazy_tree(), chunk_size=128 << 10)
     with open(layer.tar, "rb") as tar, open(layer.blob, "wb") as out:
