@@ -19,6 +19,7 @@ Every server is stopped by ``stop()`` / the context manager.
 """
 
 import base64
+import contextlib
 import http.client
 import http.server
 import json
@@ -42,6 +43,15 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refused_port():
+    """A loopback port that refuses connections while the context lasts: bound here
+    and never listening, so no other process can start a server on it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def require_registry():

@@ -14,7 +14,7 @@ from stargz_overlay.errors import AuthError, RegistryError
 from stargz_overlay.registries_conf import RegistriesConf
 from stargz_overlay.registry import RegistryClient
 
-from ..registryfixture import Registry, TokenServer, free_port, push_image
+from ..registryfixture import Registry, TokenServer, push_image, refused_port
 from .conftest import make_client
 
 
@@ -226,8 +226,8 @@ def test_token_rejected_with_401_is_refetched(tmp_path, estargz):
 def test_mirror_fallback(tmp_path, registry, image, estargz):
     """Mirrors in order: a dead one, one without the image, then one that has it."""
     blob, _ = estargz
-    dead = f"127.0.0.1:{free_port()}"
-    with Registry(str(tmp_path)) as empty:
+    with refused_port() as port, Registry(str(tmp_path)) as empty:
+        dead = f"127.0.0.1:{port}"
         conf = tmp_path / "registries.conf"
         conf.write_text(f"""
 [[registry]]

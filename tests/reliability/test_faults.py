@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from ..registryfixture import Registry, free_port
+from ..registryfixture import Registry, refused_port
 from .faultproxy import FaultProxy
 from .helpers import alive, check_cache, cli, unread_requests, wait_until
 from .regimage import DEADLINE, push_files, registry_config
@@ -215,8 +215,9 @@ def test_wrong_bytes(tmp_path, so, mounts, registry, proxy):
 def test_redirect_to_a_dead_host(tmp_path, so, mounts, registry, proxy):
     _, layer = registry
     m = mount(tmp_path, so, mounts, layer, proxy.host)
-    proxy.redirect_to = f"http://127.0.0.1:{free_port()}"    # nothing listens there
-    expect_eio(m, "small/f09")
+    with refused_port() as port:                            # nothing listens there
+        proxy.redirect_to = f"http://127.0.0.1:{port}"
+        expect_eio(m, "small/f09")
     proxy.reset()
     expect_data(m, "small/f09")
 
