@@ -70,17 +70,26 @@ class RegistryEndpoint:
         self.client = client
         self.reference = reference[len("docker://"):] if reference.startswith(
             "docker://") else reference
+        self._root = None             # (body, media type) of the reference, once read
+        self._manifests = {}          # digest -> verified body
         self._small_blobs = {}        # digest -> verified bytes
 
     def __str__(self):
         return f"docker://{self.reference}"
 
     def root_manifest(self):
-        doc, body, digest, media_type = self.client.get_manifest(self.reference)
-        return body, media_type
+        """The reference's manifest or index, read once: the analysis, the recording
+        and the conversion see the same image even if the tag moves meanwhile."""
+        if self._root is None:
+            doc, body, digest, media_type = self.client.get_manifest(self.reference)
+            self._root = body, media_type
+        return self._root
 
     def manifest(self, digest):
-        doc, body, digest, media_type = self.client.get_manifest(self.reference, digest)
+        body = self._manifests.get(digest)
+        if body is None:
+            doc, body, _, _ = self.client.get_manifest(self.reference, digest)
+            self._manifests[digest] = body
         return body
 
     def small_blob(self, digest):
@@ -121,6 +130,7 @@ class RegistryEndpoint:
 
     def put_manifest(self, body, media_type, tagged):
         if tagged:
+            self._root = None
             return self.client.push_manifest(self.reference, body, media_type)
         name = parse_reference(self.reference).name
         digest = sha256_digest(body)

@@ -1,4 +1,4 @@
-"""``convert --analyze docker://SRC``: each source layer and config is downloaded once,
+"""``convert --analyze docker://SRC``: each source layer, config and manifest is read once,
 shared by the analysis and the conversion, and the result is the same as without sharing."""
 
 import json
@@ -74,6 +74,8 @@ def test_each_source_layer_is_fetched_once(image, tmp_path, capsys, monkeypatch)
         assert gets_per_layer(proxy, layers) == [1, 1]
         configs = [m["config"]["digest"] for _, m in image_manifests(open_endpoint(image[0]))]
         assert gets_per_layer(proxy, configs) == [1]      # not once more for the analysis
+        manifests = [g[1] for g in proxy.requests("GET") if "/manifests/" in g[1]]
+        assert len(manifests) == len(set(manifests)) and manifests, manifests  # tag read once
         assert "startup files of python3 -c" in err
         assert err.count("downloaded once (") == 2 and "for the analysis and the conv" in err
         spooled = json.loads(out)
