@@ -106,10 +106,6 @@ class AuthFiles:
                 self._cache[key] = self._lookup(registry, repository)
             return self._cache[key]
 
-    def forget(self):
-        with self._lock:
-            self._cache.clear()
-
     def _lookup(self, registry, repository):
         host = _normalize_key(registry)
         for path, legacy in self.files:
@@ -278,7 +274,6 @@ class HostAuth:
         self.scheme = None            # None (not challenged yet), "basic", "bearer"
         self.challenge = {}
         self._tokens = {}             # frozenset(scopes) -> _Token
-        self.tokens_fetched = 0
 
     def headers(self, scopes):
         """Authorization header for a request needing ``scopes`` (may fetch a token)."""
@@ -384,7 +379,6 @@ class HostAuth:
         margin = min(10.0, lifetime / 10)
         token = _Token(value, time.monotonic() + lifetime - margin)
         self._tokens[frozenset(scopes)] = token
-        self.tokens_fetched += 1
         log.debug("%s: token for %s valid %d s", self.host, what, lifetime)
         return token
 

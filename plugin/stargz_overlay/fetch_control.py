@@ -150,10 +150,6 @@ class ForegroundGate:
         with self._cond:
             self._last = time.monotonic()
 
-    @property
-    def waiting(self):
-        return self._active
-
     def wait_quiet(self, producing=None):
         """Block until no open is waiting and none ended within ``silence``; seconds waited.
 

@@ -603,11 +603,6 @@ class ImageFS:
         node = self.lookup(path)
         return node is not None and node.type == "dir"
 
-    def layer_of(self, path):
-        """Index of the layer that provides ``path`` (symlinks followed), or None."""
-        node = self.lookup(path)
-        return None if node is None else node.layer.index
-
     def listdir(self, path):
         """Sorted names in the merged directory ``path`` (whiteouts applied)."""
         node = self.lookup(path)

@@ -68,10 +68,6 @@ class FetchContext:
             self.background = BackgroundFetcher(self, list(self.layers))
             self.background.start()
 
-    def write_metrics(self):
-        if self.writer is not None:
-            self.writer.write()
-
     def close(self):
         if self.writer is not None:
             self.writer.stop.set()

@@ -312,22 +312,6 @@ def layer_rows(snapshots):
     return rows
 
 
-def status_lines(snapshots):
-    """Human-readable lines: per layer, what is local and what was fetched how."""
-    lines = []
-    for row in layer_rows(snapshots):
-        f = row["fetched"]
-        lines.append(
-            f"{row['id']} (pid {row['pid']}{', ' + row['ref'] if row['ref'] else ''}): "
-            f"{row['local_ratio'] * 100:.1f}% local ({_mib(row['local_bytes'])} of "
-            f"{_mib(row['file_bytes'])} MiB), prefetch {row['prefetch']}, background "
-            f"{row['background']}; fetched {_mib(row['fetched_total'])} MiB (on demand "
-            f"{_mib(f['on_demand'])}, prefetch {_mib(f['prefetch'])}, background "
-            f"{_mib(f['background'])}, metadata {_mib(f['metadata'])}) of a "
-            f"{_mib(row['blob_size'])} MiB blob, saved {_mib(row['bytes_saved'])} MiB")
-    return lines
-
-
 def figures_by_layer(snapshots):
     """Per layer digest, the fetch figures of every live daemon serving it, merged.
 

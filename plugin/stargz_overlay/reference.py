@@ -74,8 +74,9 @@ def api_host(registry):
     return DOCKER_IO_API_HOST if registry == DOCKER_IO else registry
 
 
-def is_digest(text):
-    return bool(_DIGEST_RE.match(text or ""))
+def is_sha256_digest(text):
+    """Whether ``text`` is ``sha256:`` and 64 lower-case hex digits (a layer's name)."""
+    return bool(_SHA256_RE.match(text or ""))
 
 
 def check_digest(digest):

@@ -80,9 +80,6 @@ class StateDir:
     def write_layer(self, name, doc):
         write_json(self.layer(name), doc)
 
-    def read_layer(self, name):
-        return read_json(self.layer(name))
-
     def write_ref(self, ref, doc):
         write_json(self.ref(ref), doc)
 

@@ -57,6 +57,7 @@ from .errors import DigestMismatch, FormatError, InvalidReference, StargzError
 from .fetch_control import fetch_kind
 from .layer_spec import LayerSpec, encode
 from .layer_view import INO_BASE, LayerView, fs_error, lock_directory, normalize
+from .reference import is_sha256_digest
 from .status import LayerStats, StateDir, ref_key, write_json
 
 log = logging.getLogger("stargz_overlay.store")
@@ -483,7 +484,7 @@ class StoreView:
         return None
 
     def _resolve_layer(self, layer, siblings=False):
-        if not _is_digest(layer.name):
+        if not is_sha256_digest(layer.name):
             raise FormatError(f"{layer.name!r} is not a layer digest")
         image = self._image(layer.ref, layer.name)
         if siblings:
@@ -663,11 +664,6 @@ def _hex(text):
     return text.split(":", 1)[1] if ":" in text else text
 
 
-def _is_digest(name):
-    return (name.startswith("sha256:") and len(name) == 71
-            and all(c in "0123456789abcdef" for c in name[7:]))
-
-
 def _find_layer(image, name):
     """(index, Layer) of the layer named by blob digest or TOC digest, or None."""
     for i, layer in enumerate(image.layers):
@@ -700,4 +696,5 @@ def decode_ref(name):
 
 
 def encode_ref(ref):
+    """The store directory containers/storage asks for ``ref`` (``decode_ref``'s inverse)."""
     return base64.b64encode(ref.encode("utf-8")).decode("ascii")

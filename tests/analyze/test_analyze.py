@@ -151,7 +151,7 @@ def test_merged_view_of_the_test_image(image):
         assert fs.lookup("/app/stale.py") is None
         assert fs.lookup(f"/{DIST}/evil.pth") is None
         assert "good.pth" in fs.listdir(f"/{DIST}") and "evil.pth" not in fs.listdir(f"/{DIST}")
-        assert fs.layer_of(f"{STDLIB}/encodings/aliases.py") == 1
+        assert fs.lookup(f"{STDLIB}/encodings/aliases.py").layer.index == 1
         node = fs.resolve("/lib64/ld-linux-x86-64.so.2")
         assert node.path == os.path.realpath("/lib64/ld-linux-x86-64.so.2")
         with open(node.path, "rb") as f:

@@ -103,7 +103,7 @@ def test_symlink_loops_are_bounded(fs):
 def test_whiteouts_and_opaque_directories(fs):
     assert fs.lookup("/dir/a") is None
     assert fs.listdir("/dir") == ["b", "c"]
-    assert fs.layer_of("/dir/b") == 0 and fs.layer_of("/dir/c") == 2
+    assert fs.lookup("/dir/b").layer.index == 0 and fs.lookup("/dir/c").layer.index == 2
     assert fs.listdir("/opq") == ["z"]
     assert fs.lookup("/opq/x") is None
     assert fs.read("/tofile") == b"now a file"                   # dir replaced by a file
@@ -112,5 +112,5 @@ def test_whiteouts_and_opaque_directories(fs):
     assert fs.listdir("/x") == ["new"]                           # file in between hides x/old
     assert fs.lookup("/x/old") is None
     assert fs.listdir("/usr/lib") == ["libbar.so", "libfoo-hl.so", "libfoo.so"]
-    assert fs.layer_of("/usr/lib/libbar.so") == 1
+    assert fs.lookup("/usr/lib/libbar.so").layer.index == 1
     assert not any(n.startswith(".wh.") for n in fs.listdir("/opq") + fs.listdir("/dir"))

@@ -4,7 +4,8 @@ import base64
 import itertools
 import string
 
-from stargz_overlay.store_view import _is_digest, decode_ref, encode_ref
+from stargz_overlay.reference import is_sha256_digest
+from stargz_overlay.store_view import decode_ref, encode_ref
 
 # every character a reference can hold: registry host and port, repository path,
 # tag (upper case too), digest algorithm (may hold '+') and hex
@@ -39,7 +40,7 @@ def test_names_that_are_not_store_references():
 
 
 def test_layer_names():
-    assert _is_digest("sha256:" + "0" * 64)
-    assert not _is_digest("sha256:" + "0" * 63)
-    assert not _is_digest("sha512:" + "0" * 64)
-    assert not _is_digest("sha256:" + "G" * 64)
+    assert is_sha256_digest("sha256:" + "0" * 64)
+    assert not is_sha256_digest("sha256:" + "0" * 63)
+    assert not is_sha256_digest("sha512:" + "0" * 64)
+    assert not is_sha256_digest("sha256:" + "G" * 64)

@@ -8,7 +8,6 @@ metadata, contents, digests), never of bytes.  Known 0.12 defects
 """
 
 import gzip
-import hashlib
 import io
 import os
 import shutil

@@ -10,7 +10,8 @@ from stargz_overlay.background import spans
 from stargz_overlay.config import Config, ConfigError, finish, load_config, parse_size
 from stargz_overlay.fetch_control import (ForegroundGate, HostLimiter, MeteredSource,
                                           RateLimiter, fetch_kind)
-from stargz_overlay.metrics import Metrics, read_snapshots, render, status_lines, write_files
+from stargz_overlay.metrics import (Metrics, figures_by_layer, read_snapshots, render,
+                                    write_files)
 from stargz_overlay.source import FileSource
 
 
@@ -158,8 +159,9 @@ def test_metrics_text_and_files(tmp_path):
     assert f'stargz_overlay_layer_local_ratio{{layer="sha256:aa",pid="{pid}"}} 0.25' in text
     assert f'stargz_overlay_bytes_saved{{pid="{pid}"}} 600' in text
     assert text.count("# TYPE stargz_overlay_fetched_bytes_total counter") == 1
-    [line] = status_lines([snap])
-    assert "25.0% local" in line and "r/x:1" in line
+    fig = figures_by_layer([snap, dict(snap, pid=pid + 1)])["sha256:aa"]   # two daemons
+    assert (fig["local_ratio"], fig["mounts"], fig["fetched"]["on_demand"]) == (0.25, 2, 200)
+    assert fig["requests"]["prefetch"] == 2 and fig["bytes_saved"] == 200
     snap["start_ticks"] = -1                             # a daemon that is gone
     write_files(str(tmp_path), snap)
     assert read_snapshots(str(tmp_path), clean=True) == [] and os.listdir(tmp_path) == []
