@@ -263,8 +263,9 @@ class _Runner:
     def start(self):
         if self.podman:
             # (explicit limits: podman copies its own, which runc may not set in a
-            # container here: "error setting rlimits")
-            cmd = self._podman("run", "--rm", "--name", self.name, "--network", "none",
+            # container here: "error setting rlimits"; no --rm: Podman 4.3 can lose a
+            # --rm container's exit status, and cleanup() removes it by name)
+            cmd = self._podman("run", "--name", self.name, "--network", "none",
                                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
                                "--workdir", self.workdir)
             for key, value in self.env.items():
