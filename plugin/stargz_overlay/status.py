@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 log = logging.getLogger("stargz_overlay.store")
 
@@ -102,13 +103,15 @@ class LayerStats:
     """Counters of one process serving one layer; persisted for ``status``.
 
     ``opened(hit)`` is called for every open of a non-empty regular file;
-    the blob reads come from the layer's counting source.  Writes are
-    throttled; a daemon thread (started at the first open, i.e. after
-    fuse-overlayfs has forked) writes what the throttling held back.
+    the blob reads (on demand, prefetch, background) come from the layer's
+    counting source.  Writes are throttled; a daemon thread, started by the
+    first ``flush()`` (an open, or the store's prefetch at pull: after
+    fuse-overlayfs has forked), writes every counter that changed since, so
+    bytes fetched with no open (prefetch, background fetch) reach ``status``.
     """
 
     _flusher = None
-    _pending = set()
+    _live = None              # every LayerStats of this process (weak)
     _guard = threading.Lock()
 
     def __init__(self, state_dir, digest, role):
@@ -117,7 +120,17 @@ class LayerStats:
         self.source = None        # the layer's CountingSource (reads, bytes)
         self.opens = self.hits = self.errors = 0
         self._last = 0.0
+        self._written = self._counters()
         self._lock = threading.Lock()
+        with LayerStats._guard:
+            if LayerStats._live is None:
+                LayerStats._live = weakref.WeakSet()
+            LayerStats._live.add(self)
+
+    def _counters(self):
+        src = self.source
+        return (self.opens, self.hits, self.errors, getattr(src, "reads", 0),
+                getattr(src, "bytes", 0))
 
     def opened(self, hit):
         with self._lock:
@@ -138,21 +151,23 @@ class LayerStats:
                 "updated": time.time()}
 
     def flush(self, force=False):
+        """Write the counters now, or (throttled) leave them to the flusher thread."""
         now = time.monotonic()
         if not force and now - self._last < FLUSH_INTERVAL:
-            self._defer()
+            self._start_flusher()
             return
         self._last = now
+        self._written = self._counters()
         try:
             write_json(os.path.join(self.dir, f"{self.role}-{os.getpid()}.json"),
                        self.snapshot())
         except OSError as exc:
             log.warning("cannot write layer statistics to %s: %s", self.dir, exc)
+        self._start_flusher()
 
-    def _defer(self):
-        cls = LayerStats
+    @classmethod
+    def _start_flusher(cls):
         with cls._guard:
-            cls._pending.add(self)
             if cls._flusher is None or not cls._flusher.is_alive():
                 cls._flusher = threading.Thread(target=cls._flush_loop, daemon=True,
                                                 name="sz-status")
@@ -163,8 +178,8 @@ class LayerStats:
         while True:
             time.sleep(FLUSH_INTERVAL)
             with cls._guard:
-                pending, cls._pending = cls._pending, set()
-            for stats in pending:
+                changed = [s for s in cls._live if s._counters() != s._written]
+            for stats in changed:
                 stats.flush(force=True)
 
 

@@ -558,10 +558,12 @@ class StoreView:
             self._next_slot += 1
         view = LayerView(reader, os.path.join(self.workdir, "layers", _hex(digest)), self.cache,
                          slot, label)
-        track(view, LayerStats(self.store.root, digest, "store"))
+        stats = LayerStats(self.store.root, digest, "store")
+        track(view, stats)
         self._views[digest] = view
         if self.config.prefetch:
             self._prefetch(view, digest)
+            stats.flush()             # the prefetch's bytes reach status with no open
         return view
 
     def _reader(self, ref, digest, size, toc_digest, toc_offset, kind):

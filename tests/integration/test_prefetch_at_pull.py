@@ -125,6 +125,13 @@ def test_pull_prefetches_the_prioritized_files_in_one_request(penv, layers):
         return rows and rows[0]["fetch"]["fetched"]["prefetch"] >= region[1] - region[0]
     assert wait_for(prefetched, 15), json.dumps(penv.status(), indent=1)[:3000]
 
+    # and status's lasting counters (which outlive the daemons) have them too
+    def counted():
+        rows = [r for i in penv.status()["images"] for r in i["layers"]
+                if r["digest"] == app.digest]
+        return rows and rows[0]["blob_bytes"] >= region[1] - region[0]
+    assert wait_for(counted, 15), json.dumps(penv.status(), indent=1)[:3000]
+
     mark = penv.mark()
     out = run(penv, ref, "sh", "-c", "sh /app/start.sh; sha256sum /app/hot.bin")
     assert out.stdout.split() == ["started", hashlib.sha256(HOT).hexdigest(), "/app/hot.bin"]
