@@ -318,8 +318,9 @@ def format_report(report):
             if r["mode"] == "lazy":
                 ratio = r.get("local_ratio")
                 local = f"{ratio * 100:5.1f}% local" if ratio is not None else "  ?% local"
+                reads = r.get('blob_reads', 0)
                 out.append(f"{head} fetched {_size(r.get('blob_bytes', 0)):>9} in "
-                           f"{r.get('blob_reads', 0)} reads, {local} "
+                           f"{reads} read{'' if reads == 1 else 's'}, {local} "
                            f"({_size(r.get('local_bytes'))} of {_size(r.get('file_bytes'))}), "
                            f"{r.get('hits', 0)} cache hits / {r.get('opens', 0)} opens; "
                            f"{r.get('kind')}, TOC verified")
